@@ -1,0 +1,201 @@
+"""Saving and loading ``.pt2`` pipelines with a JSON manifest beside them.
+
+This module imports neither ``sam3`` nor anything that does: a serving process needs only
+torch, torchvision and this package to load an artifact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import hashlib
+import json
+import os
+import platform
+import tempfile
+from collections.abc import Iterator
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.export import ExportedProgram
+
+from .errors import ArtifactError
+
+__all__ = [
+    "FORMAT",
+    "LoadedPipeline",
+    "atomic_write",
+    "load_pipeline",
+    "manifest_path",
+    "save_pipeline",
+    "sha256_file",
+]
+
+#: Identifies manifests written by this library.
+FORMAT = "sam3-exportable/pt2"
+FORMAT_VERSION = 1
+
+
+def manifest_path(path: str | os.PathLike[str]) -> Path:
+    """The manifest of ``model.pt2`` is ``model.pt2.json``."""
+    return Path(f"{os.fspath(path)}.json")
+
+
+def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 24) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike[str], *, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; move it into place only if the body succeeds.
+
+    Raises ``FileExistsError`` if ``path`` exists and ``force`` is False (checked before
+    and again just before the move). Nothing is left behind on failure.
+    """
+    target = Path(path)
+    if target.exists() and not force:
+        raise FileExistsError(f"{target}: exists; pass force=True (or --force) to overwrite")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        if target.exists() and not force:
+            raise FileExistsError(f"{target}: appeared while writing; pass force=True to overwrite")
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _version_of(package: str) -> str | None:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+def _tensor_spec(meta_val: Any) -> dict[str, Any]:
+    shape = [str(d) if isinstance(d, torch.SymInt) else int(d) for d in meta_val.shape]
+    return {"shape": shape, "dtype": str(meta_val.dtype).replace("torch.", "")}
+
+
+def _io_specs(ep: ExportedProgram) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    nodes = {n.name: n for n in ep.graph.nodes}
+    inputs = [
+        {"name": name, **_tensor_spec(nodes[name].meta["val"])}
+        for name in ep.graph_signature.user_inputs
+    ]
+    output_node = next(n for n in ep.graph.nodes if n.op == "output")
+    outs = output_node.args[0]
+    outputs = [{"index": i, **_tensor_spec(o.meta["val"])} for i, o in enumerate(outs)]
+    return inputs, outputs
+
+
+def save_pipeline(
+    ep: ExportedProgram,
+    path: str | os.PathLike[str],
+    *,
+    metadata: dict[str, Any] | None = None,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Write ``ep`` to ``path`` (``torch.export.save``) and its manifest beside it.
+
+    ``metadata`` is merged into the manifest (the export command records the model size,
+    image size, context length, tokenizer, patch set and autocast dtype there). Both files
+    are written atomically; an existing file is kept unless ``force=True``
+    (``FileExistsError``). Returns the manifest.
+    """
+    target = Path(path)
+    manifest_file = manifest_path(target)
+    for existing in (target, manifest_file):
+        if existing.exists() and not force:
+            raise FileExistsError(f"{existing}: exists; pass force=True (or --force) to overwrite")
+    inputs, outputs = _io_specs(ep)
+    with atomic_write(target, force=force) as tmp:
+        torch.export.save(ep, tmp)
+        digest = sha256_file(tmp)
+        size = tmp.stat().st_size
+    manifest: dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "artifact": target.name,
+        "sha256": digest,
+        "size_bytes": size,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": {
+            "sam3": _version_of("sam3"),
+            "sam3_exportable": _version_of("sam3-exportable"),
+            "torch": torch.__version__,
+            "torchvision": _version_of("torchvision"),
+            "python": platform.python_version(),
+        },
+        "inputs": inputs,
+        "outputs": outputs,
+        **(metadata or {}),
+    }
+    with atomic_write(manifest_file, force=force) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return manifest
+
+
+@dataclasses.dataclass
+class LoadedPipeline:
+    """An exported program and the manifest it was saved with."""
+
+    program: ExportedProgram
+    manifest: dict[str, Any]
+    path: Path
+
+    def module(self) -> torch.nn.Module:
+        return self.program.module()
+
+
+def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read and validate the manifest of the artifact at ``path``; raise ArtifactError."""
+    target = Path(path)
+    if not target.is_file():
+        raise ArtifactError(f"{target}: expected a .pt2 file, found none")
+    manifest_file = manifest_path(target)
+    if not manifest_file.is_file():
+        raise ArtifactError(
+            f"{target}: expected its manifest {manifest_file.name} beside it (written by "
+            "sam3-exportable export); found none, so this is not a sam3-exportable artifact"
+        )
+    try:
+        manifest = json.loads(manifest_file.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{manifest_file}: expected JSON, could not read it: {exc}") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ArtifactError(f"{manifest_file}: expected format {FORMAT!r}, got {got!r}")
+    return manifest
+
+
+def load_pipeline(path: str | os.PathLike[str], *, verify_hash: bool = True) -> LoadedPipeline:
+    """Load a ``.pt2`` written by :func:`save_pipeline`, checking its manifest and sha256.
+
+    Raises :class:`ArtifactError` when the file or manifest is missing or foreign, or the
+    file's sha256 differs from the manifest's.
+    """
+    target = Path(path)
+    manifest = read_manifest(target)
+    if verify_hash:
+        digest = sha256_file(target)
+        if digest != manifest.get("sha256"):
+            raise ArtifactError(
+                f"{target}: sha256 mismatch: the manifest expects {manifest.get('sha256')}, "
+                f"the file has {digest}; the file was changed or belongs to another manifest"
+            )
+    import torchvision  # noqa: F401  registers torchvision::roi_align before load
+
+    program = torch.export.load(target)
+    return LoadedPipeline(program=program, manifest=manifest, path=target)

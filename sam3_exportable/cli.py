@@ -1,0 +1,203 @@
+"""The ``sam3-exportable`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+
+from .errors import (
+    ArtifactError,
+    CheckpointError,
+    DynamicShapeAuditError,
+    InputSpecError,
+    UpstreamMismatchError,
+)
+
+__all__ = ["main"]
+
+T = TypeVar("T")
+
+AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Progress:
+    """Prints ``[stage] ... done in X s`` lines and keeps the timings."""
+
+    def __init__(self, stream: Any = None) -> None:
+        self.stream = stream or sys.stdout
+        self.timings: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str, detail: str = "") -> Iterator[None]:
+        print(f"[{name}] {detail}".rstrip(), file=self.stream, flush=True)
+        start = time.perf_counter()
+        yield
+        self.timings[name] = time.perf_counter() - start
+        print(f"[{name}] done in {self.timings[name]:.1f} s", file=self.stream, flush=True)
+
+
+def _shape(text: str) -> tuple[int, int]:
+    try:
+        b, p = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected B,P (two integers), got {text!r}") from None
+    if b < 1 or p < 1:
+        raise argparse.ArgumentTypeError(f"expected B >= 1 and P >= 1, got {text!r}")
+    return b, p
+
+
+def compare_outputs(
+    expected: Sequence[torch.Tensor], got: Sequence[torch.Tensor]
+) -> list[tuple[str, float, bool]]:
+    """(name, max |diff|, bitwise equal) per output, in ``OUTPUT_NAMES`` order."""
+    from .pipeline import OUTPUT_NAMES
+
+    rows = []
+    for name, a, b in zip(OUTPUT_NAMES, expected, got, strict=True):
+        same_shape = a.shape == b.shape
+        diff = float((a.double() - b.double()).abs().max()) if same_shape and a.numel() else 0.0
+        rows.append((name, diff if same_shape else float("inf"), same_shape and torch.equal(a, b)))
+    return rows
+
+
+def export_command(args: argparse.Namespace) -> int:
+    from . import __version__
+    from .artifact import save_pipeline
+    from .builders import BPE_VOCAB_SHA256, build_model
+    from .export import audit_dynamic_shapes, example_inputs, export_full_pipeline
+    from .patch_set import exportable_sam3, select_patches
+    from .pipeline import OUTPUT_NAMES, FullSam3PipelineWrapper
+
+    out = Path(args.out)
+    if not args.force:
+        for existing in (out, Path(f"{out}.json")):
+            if existing.exists():
+                raise FileExistsError(f"--out {existing}: exists; pass --force to overwrite")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    autocast = AUTOCAST[args.autocast]
+    progress = Progress()
+    weights = f"checkpoint {args.checkpoint}" if args.checkpoint else f"random weights, seed {args.seed}"
+    with progress.stage("build", f"size={args.size}, {weights}"):
+        model = build_model(args.size, checkpoint=args.checkpoint, seed=args.seed)
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"  {n_params:,} parameters", flush=True)
+    with progress.stage("export", f"strict={args.strict}, autocast={args.autocast}"):
+        ep = export_full_pipeline(model, autocast_dtype=autocast, strict=args.strict, audit=False)
+    with progress.stage("audit"):
+        report = audit_dynamic_shapes(ep)
+        print(f"  {report.summary()}", flush=True)
+    wrapper = FullSam3PipelineWrapper(model, autocast_dtype=autocast).eval()
+    patches = [p.name for p in select_patches()]
+    metadata = {
+        "model": {
+            "size": args.size,
+            "parameters": n_params,
+            "checkpoint": str(args.checkpoint) if args.checkpoint else None,
+            "random_weights": args.checkpoint is None,
+            "seed": args.seed if args.checkpoint is None else None,
+        },
+        "image_size": wrapper.image_size,
+        "context_length": wrapper.context_length,
+        "vocab_size": wrapper.vocab_size,
+        "normalize": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]},
+        "tokenizer": {
+            "kind": "sam3.model.tokenizer_ve.SimpleTokenizer",
+            "bpe_vocab_sha256": BPE_VOCAB_SHA256,
+        },
+        "output_names": list(OUTPUT_NAMES),
+        "autocast_dtype": args.autocast if autocast is not None else None,
+        "strict": args.strict,
+        "patches": patches,
+        "audit": {"symbols": report.symbols, "ranges": {k: [v[0], "inf"] for k, v in report.ranges.items()}},
+        "exported_by": f"sam3-exportable {__version__}",
+    }
+    with progress.stage("save", str(out)):
+        manifest = save_pipeline(ep, out, metadata=metadata, force=args.force)
+        print(f"  {manifest['size_bytes'] / 2**20:,.0f} MiB, sha256 {manifest['sha256'][:16]}...", flush=True)
+    status = 0
+    if args.verify:
+        b, p = args.verify
+        with progress.stage("verify", f"eager vs exported at B={b}, P={p}"):
+            inputs = example_inputs(wrapper, b, p, seed=1)
+            with exportable_sam3(), torch.no_grad():
+                expected = wrapper(*inputs)
+            got = ep.module()(*inputs)
+            rows = compare_outputs(expected, got)
+            for name, diff, equal in rows:
+                print(f"  {name:20s} max|diff| {diff:.3g}  bitwise equal: {equal}", flush=True)
+            if all(equal for _, _, equal in rows):
+                print("  verify: exported == eager, bitwise", flush=True)
+            else:
+                print("  verify: exported differs from eager", flush=True)
+                status = 1
+    total = sum(progress.timings.values())
+    print("timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in progress.timings.items()) + f", total {total:.1f} s")
+    return status
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sam3-exportable",
+        description="Export SAM3's text-grounding pipeline to one torch.export .pt2 and run it.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    exp = sub.add_parser("export", help="build, export, audit and save a .pt2 pipeline")
+    weights = exp.add_mutually_exclusive_group(required=True)
+    weights.add_argument("--checkpoint", type=Path, help="upstream-format SAM3 checkpoint")
+    weights.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="deterministic random weights (masks are meaningless; for testing the pipeline)",
+    )
+    exp.add_argument("--size", choices=["full", "tiny"], default="full")
+    exp.add_argument("--seed", type=int, default=0, help="seed for --random-weights")
+    exp.add_argument("--out", required=True, help="path of the .pt2 to write")
+    exp.add_argument("--autocast", choices=sorted(AUTOCAST), default="none")
+    exp.add_argument("--strict", action="store_true", help="strict (dynamo) export")
+    exp.add_argument("--verify", type=_shape, metavar="B,P", help="compare eager and exported")
+    exp.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    exp.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    exp.set_defaults(func=export_command)
+    return parser
+
+
+_EXPECTED_ERRORS = (
+    ArtifactError,
+    CheckpointError,
+    DynamicShapeAuditError,
+    FileExistsError,
+    FileNotFoundError,
+    InputSpecError,
+    UpstreamMismatchError,
+    ValueError,
+)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``sam3-exportable`` console script; returns the exit status."""
+    import logging
+    import warnings
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    warnings.filterwarnings("ignore", module=r"sam3\..*")
+    warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*")
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except _EXPECTED_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""``export_full_pipeline`` and the dynamic-shape audit of exported programs."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import sympy
+import torch
+from torch import nn
+from torch.export import Dim, ExportedProgram
+
+from .errors import DynamicShapeAuditError
+from .patch_set import exportable_sam3
+from .pipeline import FullSam3PipelineWrapper
+
+__all__ = [
+    "DYNAMIC_DIMS",
+    "AuditReport",
+    "audit_dynamic_shapes",
+    "example_inputs",
+    "export_full_pipeline",
+]
+
+#: (input index, dim, name) of every dim that must stay dynamic with range [1, inf).
+DYNAMIC_DIMS: tuple[tuple[int, int, str], ...] = ((0, 0, "batch"), (1, 0, "num_prompts"))
+
+# Graph ops that carry runtime constraints on symbols.
+_CONSTRAINT_OPS = {
+    torch.ops.aten._assert_scalar.default,
+    torch.ops.aten.sym_constrain_range.default,
+    torch.ops.aten.sym_constrain_range_for_size.default,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class AuditReport:
+    """What :func:`audit_dynamic_shapes` found: each dim's symbol and range, and the
+    runtime asserts of the graph that do not involve those symbols."""
+
+    symbols: dict[str, str]
+    ranges: dict[str, tuple[int, float]]
+    other_asserts: tuple[str, ...]
+
+    def summary(self) -> str:
+        dims = ", ".join(
+            f"{name}={self.symbols[name]}:[{lo}, {'inf' if hi == float('inf') else hi}]"
+            for name, (lo, hi) in self.ranges.items()
+        )
+        return f"dynamic dims {dims}; {len(self.other_asserts)} runtime asserts on other symbols"
+
+
+def _bound(value: object) -> float:
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return float("inf")
+
+
+def audit_dynamic_shapes(
+    ep: ExportedProgram, dims: Sequence[tuple[int, int, str]] = DYNAMIC_DIMS
+) -> AuditReport:
+    """Prove that the given input dims of ``ep`` stayed dynamic with range ``[1, inf)``.
+
+    Checks, for each ``(user input index, dim, name)``: the placeholder's size is a
+    symbol (not a specialized int, not an expression), the program's range constraint
+    for it is exactly ``[1, inf)``, and no runtime assert or range-constraint node of the
+    graph mentions it (a hidden ``Eq(batch*num_prompts, 6)`` is exactly such a node).
+
+    Raises :class:`DynamicShapeAuditError` naming the offending dim and constraint.
+    """
+    placeholders = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
+    user_inputs = list(ep.graph_signature.user_inputs)
+    symbols: dict[str, sympy.Symbol] = {}
+    for index, dim, name in dims:
+        if index >= len(user_inputs):
+            raise DynamicShapeAuditError(
+                f"audit: expected user input #{index} for dim {name!r}, the program has "
+                f"{len(user_inputs)} inputs"
+            )
+        val = placeholders[user_inputs[index]].meta["val"]
+        size = val.shape[dim]
+        if not isinstance(size, torch.SymInt):
+            raise DynamicShapeAuditError(
+                f"audit: dim {name!r} (input #{index} dim {dim}) was specialized to the "
+                f"constant {size}; it must stay dynamic"
+            )
+        expr = size.node.expr
+        if not isinstance(expr, sympy.Symbol):
+            raise DynamicShapeAuditError(
+                f"audit: dim {name!r} is the expression {expr}, expected a free symbol"
+            )
+        symbols[name] = expr
+    ranges: dict[str, tuple[int, float]] = {}
+    for name, sym in symbols.items():
+        vr = ep.range_constraints.get(sym)
+        if vr is None:
+            raise DynamicShapeAuditError(f"audit: no range constraint for dim {name!r} ({sym})")
+        lo, hi = _bound(vr.lower), _bound(vr.upper)
+        if lo != 1 or hi != float("inf"):
+            raise DynamicShapeAuditError(
+                f"audit: dim {name!r} ({sym}) has range [{vr.lower}, {vr.upper}], expected [1, inf)"
+            )
+        ranges[name] = (int(lo), hi)
+    by_symbol = {sym: name for name, sym in symbols.items()}
+    other: list[str] = []
+    for node in ep.graph.nodes:
+        if node.op != "call_function" or node.target not in _CONSTRAINT_OPS:
+            continue
+        arg = node.args[0]
+        val = arg.meta.get("val") if isinstance(arg, torch.fx.Node) else arg
+        expr = val.node.expr if isinstance(val, (torch.SymBool, torch.SymInt)) else None
+        free = getattr(expr, "free_symbols", set())
+        hit = sorted(by_symbol[s] for s in free if s in by_symbol)
+        text = f"{node.target}({expr if expr is not None else arg})"
+        if hit:
+            raise DynamicShapeAuditError(
+                f"audit: runtime constraint {text} on dim(s) {hit} would reject shapes "
+                f"that must work (node {node.name})"
+            )
+        other.append(text)
+    return AuditReport(
+        symbols={name: str(sym) for name, sym in symbols.items()},
+        ranges=ranges,
+        other_asserts=tuple(other),
+    )
+
+
+def example_inputs(
+    wrapper: FullSam3PipelineWrapper, batch: int = 2, prompts: int = 2, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deterministic example inputs: images ``[batch, 3, S, S]`` in [-1, 1] and token ids
+    ``[prompts, L]`` (start token, a few word ids, end token, zero padding)."""
+    generator = torch.Generator().manual_seed(seed)
+    size, length = wrapper.image_size, wrapper.context_length
+    images = torch.rand(batch, 3, size, size, generator=generator) * 2 - 1
+    tokens = torch.zeros(prompts, length, dtype=torch.int64)
+    for p in range(prompts):
+        words = torch.randint(256, 49406, (2 + p % 3,), generator=generator)
+        row = [49406, *words.tolist(), 49407]
+        tokens[p, : len(row)] = torch.tensor(row)
+    return images, tokens
+
+
+def export_full_pipeline(
+    model: nn.Module,
+    *,
+    autocast_dtype: torch.dtype | None = None,
+    strict: bool = False,
+    example_batch: int = 2,
+    example_prompts: int = 2,
+    patches: dict | None = None,
+    audit: bool = True,
+) -> ExportedProgram:
+    """Export image encoder through segmentation head as one program with dynamic
+    ``batch`` (B >= 1) and ``num_prompts`` (P >= 1), inside :func:`exportable_sam3`.
+
+    Traces with ``example_batch`` x ``example_prompts`` (both >= 2, so no branch on size 1
+    is taken), then runs :func:`audit_dynamic_shapes`. ``patches`` is passed on to
+    :func:`exportable_sam3` (``only``/``exclude``/``include``). Raises ``ValueError`` for
+    example sizes below 2 and :class:`DynamicShapeAuditError` if the audit fails.
+    """
+    if example_batch < 2 or example_prompts < 2:
+        raise ValueError(
+            f"export_full_pipeline: example_batch and example_prompts must be >= 2 to avoid "
+            f"size-1 specialization, got {example_batch} and {example_prompts}"
+        )
+    model.eval()
+    wrapper = FullSam3PipelineWrapper(model, autocast_dtype=autocast_dtype).eval()
+    args = example_inputs(wrapper, example_batch, example_prompts)
+    dynamic_shapes = ({0: Dim("batch", min=1)}, {0: Dim("num_prompts", min=1)})
+    with exportable_sam3(strict=strict, **(patches or {})):
+        ep = torch.export.export(wrapper, args, dynamic_shapes=dynamic_shapes, strict=strict)
+    if audit:
+        audit_dynamic_shapes(ep)
+    return ep

@@ -1,0 +1,23 @@
+"""The declared patch set, one module per upstream file it fixes.
+
+``ALL_PATCHES`` lists every patch in application order. See :mod:`sam3_exportable.patch_set`
+for selecting the default set and :func:`sam3_exportable.exportable_sam3` for applying it.
+"""
+
+from __future__ import annotations
+
+from ..patching import Patch
+from . import decoder, encoder, geometry_encoders, model_misc, position_encoding
+
+ALL_PATCHES: tuple[Patch, ...] = (
+    position_encoding.PRECOMPUTE_ON_AVAILABLE_DEVICE,
+    position_encoding.SYMINT_SAFE_ENCODE_XY,
+    position_encoding.TRACE_SAFE_CACHE,
+    decoder.COORDS_ON_AVAILABLE_DEVICE,
+    decoder.STATIC_RPB_FEAT_SIZE,
+    encoder.FEAT_SIZES_DIM_CHECK,
+    geometry_encoders.BATCHED_ROI_ALIGN,
+    model_misc.SDPA_BOX_RPB_CROSS_ATTENTION,
+)
+
+__all__ = ["ALL_PATCHES"]
