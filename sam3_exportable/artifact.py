@@ -63,7 +63,9 @@ def atomic_write(path: str | os.PathLike[str], *, force: bool = False) -> Iterat
     if target.exists() and not force:
         raise FileExistsError(f"{target}: exists; pass force=True (or --force) to overwrite")
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    fd, tmp_name = tempfile.mkstemp(
+        prefix=f".{target.name}.", suffix=f".tmp{target.suffix}", dir=target.parent
+    )
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -91,8 +93,7 @@ def _tensor_spec(meta_val: Any) -> dict[str, Any]:
 def _io_specs(ep: ExportedProgram) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     nodes = {n.name: n for n in ep.graph.nodes}
     inputs = [
-        {"name": name, **_tensor_spec(nodes[name].meta["val"])}
-        for name in ep.graph_signature.user_inputs
+        {"name": name, **_tensor_spec(nodes[name].meta["val"])} for name in ep.graph_signature.user_inputs
     ]
     output_node = next(n for n in ep.graph.nodes if n.op == "output")
     outs = output_node.args[0]

@@ -74,8 +74,7 @@ def bpe_vocab_path() -> str:
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     if digest != BPE_VOCAB_SHA256:
         raise ValueError(
-            f"BPE vocab {path}: expected sha256 {BPE_VOCAB_SHA256} (upstream's vocab), "
-            f"got {digest}"
+            f"BPE vocab {path}: expected sha256 {BPE_VOCAB_SHA256} (upstream's vocab), got {digest}"
         )
     return str(path)
 
@@ -97,9 +96,7 @@ def init_unfilled_parameters(model: nn.Module, generator: torch.Generator) -> li
                 module.positional_embedding.normal_(0.0, 0.01, generator=generator)
                 filled.append(prefix + "positional_embedding")
                 if isinstance(module.text_projection, nn.Parameter):
-                    module.text_projection.normal_(
-                        0.0, module.width**-0.5, generator=generator
-                    )
+                    module.text_projection.normal_(0.0, module.width**-0.5, generator=generator)
                     filled.append(prefix + "text_projection")
             if isinstance(module, TransformerEncoder) and module.level_embed is not None:
                 module.level_embed.normal_(0.0, 1.0, generator=generator)

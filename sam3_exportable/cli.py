@@ -139,7 +139,11 @@ def export_command(args: argparse.Namespace) -> int:
                 print("  verify: exported differs from eager", flush=True)
                 status = 1
     total = sum(progress.timings.values())
-    print("timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in progress.timings.items()) + f", total {total:.1f} s")
+    print(
+        "timings: "
+        + ", ".join(f"{k} {v:.1f} s" for k, v in progress.timings.items())
+        + f", total {total:.1f} s"
+    )
     return status
 
 

@@ -212,9 +212,7 @@ class PatchSession:
         self.skip_mismatched = frozenset(skip_mismatched)
         unknown = self.skip_mismatched - set(names)
         if unknown:
-            raise ValueError(
-                f"skip_mismatched: unknown patch names {sorted(unknown)}; known: {names}"
-            )
+            raise ValueError(f"skip_mismatched: unknown patch names {sorted(unknown)}; known: {names}")
         self._stack: list[_Applied] = []
         self.skipped: list[str] = []
 

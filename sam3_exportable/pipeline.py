@@ -72,17 +72,13 @@ class FullSam3PipelineWrapper(nn.Module):
         if not isinstance(token_ids, torch.Tensor):
             raise InputSpecError(f"token_ids: expected a torch.Tensor, got {type(token_ids).__name__}")
         if images.dim() != 4 or tuple(images.shape[1:]) != (3, s, s):
-            raise InputSpecError(
-                f"images: expected shape [B, 3, {s}, {s}], got {list(images.shape)}"
-            )
+            raise InputSpecError(f"images: expected shape [B, 3, {s}, {s}], got {list(images.shape)}")
         if images.shape[0] < 1:
             raise InputSpecError("images: expected a batch of at least one image, got B=0")
         if images.dtype != torch.float32:
             raise InputSpecError(f"images: expected dtype torch.float32, got {images.dtype}")
         if token_ids.dim() != 2 or token_ids.shape[1] != length:
-            raise InputSpecError(
-                f"token_ids: expected shape [P, {length}], got {list(token_ids.shape)}"
-            )
+            raise InputSpecError(f"token_ids: expected shape [P, {length}], got {list(token_ids.shape)}")
         if token_ids.shape[0] < 1:
             raise InputSpecError("token_ids: expected at least one prompt, got P=0")
         if token_ids.dtype != torch.int64:
@@ -144,8 +140,11 @@ class FullSam3PipelineWrapper(nn.Module):
             if self.autocast_dtype is not None
             else contextlib.nullcontext()
         )
-        # Inference only: under grad mode some CPU kernels (e.g. attention) differ in the
-        # last bits, so the graph fixes grad mode off for every caller.
-        with torch.no_grad(), autocast:
+        # Inference only: in fp32, grad mode changes some CPU kernels in the last bits, so
+        # the graph fixes grad mode off for every caller. Under autocast, results do not
+        # depend on grad mode, but an exported no_grad region around autocast does not
+        # reproduce eager bitwise (both measured on torch 2.14.1), so none is added there.
+        grad = torch.no_grad() if self.autocast_dtype is None else contextlib.nullcontext()
+        with autocast, grad:
             out = self._ground(images, token_ids)
         return tuple(out[name].float() for name in OUTPUT_NAMES)  # type: ignore[return-value]

@@ -26,7 +26,7 @@ def _precompute_on_available_device(wrapped: Any, instance: Any, args: tuple, kw
     if resolution is not None:
         for stride in (4, 8, 16, 32):
             size = (resolution // stride, resolution // stride)
-            instance.forward(torch.zeros((1, 1) + size, device="cpu"))
+            instance.forward(torch.zeros((1, 1, *size), device="cpu"))
             instance.cache[size] = instance.cache[size].clone().detach()
     return result
 
@@ -51,9 +51,7 @@ def _encode_xy(self: Any, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tenso
     # Same ops as upstream; only the length check differs: torch._check on sizes instead
     # of ``len()``, which concretises a symbolic dim.
     torch._check(x.ndim == 1 and y.ndim == 1, lambda: "_encode_xy: x and y must be 1-D")
-    torch._check(
-        x.shape[0] == y.shape[0], lambda: f"_encode_xy: len(x)={x.shape[0]} != len(y)={y.shape[0]}"
-    )
+    torch._check(x.shape[0] == y.shape[0], lambda: f"_encode_xy: len(x)={x.shape[0]} != len(y)={y.shape[0]}")
     x_embed = x * self.scale
     y_embed = y * self.scale
 
@@ -86,17 +84,27 @@ SYMINT_SAFE_ENCODE_XY = Patch(
 )
 
 
+class _BypassCache(dict):
+    """A cache that never hits and never stores, and never hashes its (maybe symbolic) key."""
+
+    def __contains__(self, key: object) -> bool:
+        return False
+
+    def __setitem__(self, key: object, value: object) -> None:
+        pass
+
+
 def _trace_safe_cache(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
     """Eager: upstream unchanged. Tracing: compute in the graph, never touch the cache.
 
     Upstream stores ``pos[0]`` in ``self.cache`` on a miss; during tracing that value is a
-    fake tensor which would poison later eager calls, and a symbolic key cannot be hashed.
-    The in-graph value is the same computation the cache would have held.
+    fake tensor which would poison later eager calls, and a symbolic (H, W) key cannot be
+    hashed. The in-graph value is the same computation the cache would have held.
     """
     if not is_tracing():
         return wrapped(*args, **kwargs)
     saved = instance.cache
-    instance.cache = {}
+    instance.cache = _BypassCache()
     try:
         return wrapped(*args, **kwargs)
     finally:
@@ -108,8 +116,9 @@ TRACE_SAFE_CACHE = Patch(
     target="sam3.model.position_encoding.PositionEmbeddingSine.forward",
     why=(
         "a cache miss during tracing stores a FakeTensor in PositionEmbeddingSine.cache "
-        "(later eager calls then fail or return a fake value) and a symbolic (H, W) key "
-        "is unhashable; which branch is traced also depended on whether eager ran first"
+        "(later eager calls then fail or return a fake value); with a symbolic (H, W) the "
+        "lookup fails with 'TypeError: unhashable type: non-nested SymInt'; and whether "
+        "the graph embedded a cached constant depended on whether eager ran first"
     ),
     when="every torch.export / torch.compile trace",
     fingerprint="6b031cd6b701ded9",

@@ -1,0 +1,73 @@
+"""Full-size (840M parameters) tier: one export per session, parity, fresh-process load."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import assert_bitwise, eager, example_inputs
+from test_export_pipeline import CHILD
+
+import sam3_exportable as s3e
+from sam3_exportable.artifact import save_pipeline
+from sam3_exportable.export import audit_dynamic_shapes, export_full_pipeline
+
+pytestmark = pytest.mark.full
+
+_EAGER: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}
+
+
+@pytest.fixture(scope="module")
+def full_wrapper() -> s3e.FullSam3PipelineWrapper:
+    return s3e.FullSam3PipelineWrapper(s3e.build_model("full", seed=0)).eval()
+
+
+@pytest.fixture(scope="module")
+def full_ep(full_wrapper) -> torch.export.ExportedProgram:
+    return export_full_pipeline(full_wrapper.model)
+
+
+def _eager(wrapper, batch: int, prompts: int):
+    if (batch, prompts) not in _EAGER:
+        _EAGER[(batch, prompts)] = eager(wrapper, *example_inputs(wrapper, batch, prompts, seed=21))
+    return _EAGER[(batch, prompts)]
+
+
+def test_full_model_facts(full_wrapper) -> None:
+    assert sum(p.numel() for p in full_wrapper.model.parameters()) == 840_509_750
+    assert (full_wrapper.image_size, full_wrapper.context_length) == (1008, 32)
+
+
+def test_full_audit_is_clean(full_ep) -> None:
+    report = audit_dynamic_shapes(full_ep)
+    assert report.ranges == {"batch": (1, float("inf")), "num_prompts": (1, float("inf"))}
+
+
+@pytest.mark.parametrize(("batch", "prompts"), [(1, 1), (2, 2)])
+def test_full_exported_equals_eager(full_wrapper, full_ep, batch: int, prompts: int) -> None:
+    expected = _eager(full_wrapper, batch, prompts)
+    assert [tuple(o.shape) for o in expected] == [
+        (batch * prompts, 200, 1),
+        (batch * prompts, 200, 4),
+        (batch * prompts, 200, 288, 288),
+        (batch * prompts, 1),
+    ]
+    assert_bitwise(expected, full_ep.module()(*example_inputs(full_wrapper, batch, prompts, seed=21)))
+
+
+def test_full_save_and_load_in_fresh_process(full_wrapper, full_ep, tmp_path: Path) -> None:
+    path = tmp_path / "sam3.pt2"
+    manifest = save_pipeline(full_ep, path)
+    assert manifest["size_bytes"] > 3 * 2**30
+    torch.save(example_inputs(full_wrapper, 1, 1, seed=21), tmp_path / "in.pt")
+    run = subprocess.run(
+        [sys.executable, "-c", CHILD, str(path), str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert_bitwise(_eager(full_wrapper, 1, 1), torch.load(tmp_path / "out.pt"))
