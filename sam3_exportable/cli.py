@@ -147,6 +147,55 @@ def export_command(args: argparse.Namespace) -> int:
     return status
 
 
+def predict_command(args: argparse.Namespace) -> int:
+    import shutil
+    import tempfile
+
+    from .artifact import load_pipeline
+    from .outputs import write_results
+    from .predict import Predictor, load_image, replace_dir_atomically, validate_phrases
+
+    progress = Progress()
+    out = Path(args.out)
+    # Every input is checked before anything heavy runs or anything is written.
+    phrases = validate_phrases(args.prompt or [])
+    if out.exists() and not args.force:
+        raise FileExistsError(f"--out {out}: exists; pass --force to overwrite")
+    if not 0.0 <= args.threshold <= 1.0:
+        raise ValueError(f"--threshold: expected a value in [0, 1], got {args.threshold}")
+    images = [load_image(path) for path in args.image]
+    with progress.stage("load", str(args.model)):
+        loaded = load_pipeline(args.model)
+        predictor = Predictor(loaded)
+    if loaded.manifest.get("model", {}).get("random_weights"):
+        print("  NOTE: this artifact has random weights: its masks are meaningless", flush=True)
+    with progress.stage("predict", f"{len(images)} image(s) x {len(phrases)} phrase(s), one graph call"):
+        results = predictor.predict(images, phrases, threshold=args.threshold)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp.", dir=out.parent))
+    try:
+        with progress.stage("write", str(out)):
+            model = {"path": str(args.model), "sha256": loaded.manifest.get("sha256")}
+            doc = write_results(
+                staging, args.image, images, phrases, results, threshold=args.threshold, model=model
+            )
+            replace_dir_atomically(staging, out, force=args.force)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    for entry in doc["images"]:
+        counts = ", ".join(f"{p['phrase']!r}: {len(p['instances'])}" for p in entry["phrases"])
+        print(f"  {entry['path']}: {counts}")
+        print(f"  overlay: {out / entry['overlay']}")
+    print(f"results: {out / 'results.json'}")
+    total = sum(progress.timings.values())
+    print(
+        "timings: "
+        + ", ".join(f"{k} {v:.1f} s" for k, v in progress.timings.items())
+        + f", total {total:.1f} s"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sam3-exportable",
@@ -171,6 +220,15 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--force", action="store_true", help="overwrite an existing --out")
     exp.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     exp.set_defaults(func=export_command)
+
+    pred = sub.add_parser("predict", help="segment images by text prompts with a .pt2")
+    pred.add_argument("--model", required=True, type=Path, help=".pt2 written by export")
+    pred.add_argument("--image", required=True, action="append", type=Path, help="repeatable")
+    pred.add_argument("--prompt", action="append", help="a phrase, e.g. 'a dog'; repeatable")
+    pred.add_argument("--threshold", type=float, default=0.5)
+    pred.add_argument("--out", required=True, help="output directory")
+    pred.add_argument("--force", action="store_true", help="replace an existing --out")
+    pred.set_defaults(func=predict_command)
     return parser
 
 

@@ -14,6 +14,7 @@ from test_export_pipeline import CHILD
 import sam3_exportable as s3e
 from sam3_exportable.artifact import save_pipeline
 from sam3_exportable.export import audit_dynamic_shapes, export_full_pipeline
+from sam3_exportable.predict import Predictor, load_image
 
 pytestmark = pytest.mark.full
 
@@ -71,3 +72,20 @@ def test_full_save_and_load_in_fresh_process(full_wrapper, full_ep, tmp_path: Pa
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert_bitwise(_eager(full_wrapper, 1, 1), torch.load(tmp_path / "out.pt"))
+
+
+def test_full_predict_matches_upstream_processor(full_wrapper, full_ep) -> None:
+    import matplotlib.cbook
+    from sam3.model.sam3_image_processor import Sam3Processor
+
+    image = load_image(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
+    threshold = 0.0  # random weights: keep every query so the comparison is not vacuous
+    ours = Predictor(full_ep).predict([image], ["a person"], threshold=threshold)[0][0]
+    with s3e.exportable_sam3():
+        processor = Sam3Processor(full_wrapper.model, resolution=1008, device="cpu")
+        processor.confidence_threshold = threshold
+        ref = processor.set_text_prompt("a person", processor.set_image(image))
+    assert ours.scores.shape == (200,)
+    assert torch.equal(ours.scores, ref["scores"])
+    assert torch.equal(ours.boxes, ref["boxes"])
+    assert torch.equal(ours.masks, ref["masks"])

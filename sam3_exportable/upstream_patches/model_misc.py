@@ -5,10 +5,13 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 
 from ..patching import Patch
 from ._when import never_by_default
+
+_sdpa = F.scaled_dot_product_attention  # module-level so tests can observe the calls
 
 
 def _sdpa_box_rpb_cross_attention(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
@@ -17,8 +20,8 @@ def _sdpa_box_rpb_cross_attention(wrapped: Any, instance: Any, args: tuple, kwar
     Other calls (no mask, boolean masks, key padding, batch-first, training dropout) go
     to upstream unchanged.
     """
-    bound = inspect.signature(wrapped).bind(*args, **kwargs)
-    a = bound.arguments
+    # upstream's forward is (*args, **kwargs); bind against nn.MultiheadAttention's
+    a = inspect.signature(torch.nn.MultiheadAttention.forward).bind(instance, *args, **kwargs).arguments
     mask = a.get("attn_mask")
     if (
         mask is None
@@ -41,7 +44,7 @@ def _sdpa_box_rpb_cross_attention(wrapped: Any, instance: Any, args: tuple, kwar
     k = k.reshape(src_len, bsz * heads, head_dim).transpose(0, 1).view(bsz, heads, src_len, head_dim)
     v = v.reshape(src_len, bsz * heads, head_dim).transpose(0, 1).view(bsz, heads, src_len, head_dim)
     bias = mask.view(bsz, heads, tgt_len, src_len)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    out = _sdpa(q, k, v, attn_mask=bias)
     out = out.permute(2, 0, 1, 3).contiguous().view(bsz * tgt_len, embed)
     out = F.linear(out, instance.out_proj.weight, instance.out_proj.bias)
     return out.view(tgt_len, bsz, embed), None
