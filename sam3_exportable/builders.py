@@ -382,6 +382,7 @@ def build_model(
     device: str | torch.device = "cpu",
     *,
     strict_checkpoint: bool = False,
+    runtime_patches: bool = True,
 ) -> nn.Module:
     """Build an upstream ``Sam3Image`` in eval mode.
 
@@ -393,17 +394,22 @@ def build_model(
             the same seed are bitwise equal.
         device: where the returned model lives (building happens on CPU, no hub download).
         strict_checkpoint: raise on missing or unexpected checkpoint keys.
+        runtime_patches: build inside :func:`exportable_sam3` (needed without CUDA);
+            False builds with upstream as installed (e.g. a copy with ``patches/`` applied).
 
     Raises ``ValueError`` for an unknown size, :class:`CheckpointError` for a bad checkpoint.
     """
     if size not in ("full", "tiny"):
         raise ValueError(f"build_model size: expected 'full' or 'tiny', got {size!r}")
+    import contextlib
+
     from .patch_set import exportable_sam3
 
     build = _build_full if size == "full" else _build_tiny
+    patches = exportable_sam3(device="cpu") if runtime_patches else contextlib.nullcontext()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        with exportable_sam3(device="cpu"):
+        with patches:
             model = build()
         generator = torch.Generator().manual_seed(seed)
         init_unfilled_parameters(model, generator)

@@ -48,8 +48,9 @@ FEAT_SIZES_DIM_CHECK = Patch(
     target="sam3.model.encoder.TransformerEncoderFusion.forward",
     why=(
         "'assert all(x.dim == 4 for x in src)' compares a bound method with 4 and always "
-        "raises AssertionError when feat_sizes is not given (a real upstream bug; the "
-        "grounding path always passes feat_sizes and never reaches it)"
+        "raises AssertionError when feat_sizes is not given; past it, a None "
+        "src_key_padding_mask fails in zip() ('NoneType' object is not iterable). Real "
+        "upstream bugs; the grounding path always passes feat_sizes and never reaches them"
     ),
     when="any caller of TransformerEncoderFusion without feat_sizes (any torch, eager too)",
     fingerprint="338e442564fab3c5",
