@@ -196,6 +196,18 @@ def predict_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def doctor_command(args: argparse.Namespace) -> int:
+    from .doctor import doctor_rows, format_table
+
+    rows = doctor_rows(strict=args.strict)
+    print(format_table(rows))
+    broken = [r.patch for r in rows if r.upstream == "missing" or r.fingerprint != "ok"]
+    if broken:
+        print(f"\n{len(broken)} patch(es) no longer match upstream: {', '.join(broken)}")
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sam3-exportable",
@@ -229,6 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--out", required=True, help="output directory")
     pred.add_argument("--force", action="store_true", help="replace an existing --out")
     pred.set_defaults(func=predict_command)
+
+    doc = sub.add_parser("doctor", help="report each patch for the installed torch and sam3")
+    doc.add_argument("--strict", action="store_true", help="report for strict export")
+    doc.set_defaults(func=doctor_command)
     return parser
 
 

@@ -166,3 +166,19 @@ def test_eager_outputs_unchanged_by_having_patched_before(tiny_wrapper) -> None:
     assert torch.equal(before, after)
     assert_bitwise(first, second)
     assert _current() == ORIGINALS
+
+
+def test_doctor_table_on_the_pinned_upstream(capsys) -> None:
+    from sam3_exportable.cli import main
+
+    assert main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    assert "sam3 0.1" in out
+    for p in ALL_PATCHES:
+        line = next(line for line in out.splitlines() if line.startswith(p.name + " "))
+        assert line.split()[-1] == "ok" and "needs patch" in line, line
+    bad = dataclasses.replace(patch_by_name("decoder.static_rpb_feat_size"), fingerprint="0" * 16)
+    from sam3_exportable.doctor import doctor_rows
+
+    (row,) = doctor_rows([bad])
+    assert row.fingerprint.startswith("MISMATCH") and not row.applied

@@ -155,3 +155,34 @@ def test_a_broken_diff_is_caught(tiny_model, tiny_wrapper, tiny_ep, tmp_path: Pa
     monkeypatch.setattr(sys.modules[__name__], "DIFFS", [bad if d == original else d for d in DIFFS])
     outs = _export_with_diffs(tmp_path)
     assert "encode_boxes" in _mismatches(tiny_model, tiny_wrapper, tiny_ep, outs)
+
+
+DOCTOR = textwrap.dedent(
+    """
+    import sys
+    sys.path.insert(0, sys.argv[1])
+    from sam3_exportable.cli import main
+    sys.exit(main(["doctor"]))
+    """
+)
+
+
+def test_doctor_reports_fixes_in_a_patched_upstream(tmp_path: Path) -> None:
+    root = _copy_upstream(tmp_path)
+    for diff in DIFFS:
+        assert _apply(diff, root).returncode == 0
+    run = subprocess.run(
+        [sys.executable, "-c", DOCTOR, str(root)], capture_output=True, text=True, timeout=300, cwd=ROOT
+    )
+    assert run.returncode == 1, run.stderr[-3000:]  # fingerprints no longer match
+    rows = {
+        line.split()[0]: line
+        for line in run.stdout.splitlines()
+        if line.startswith(("position", "decoder", "encoder", "geometry"))
+    }
+    assert len(rows) == len(ALL_PATCHES) - len(OPT_IN)
+    assert all("fixed upstream" in line for line in rows.values()), rows
+    # _get_coords itself is unchanged (the fix is in __init__); every other target changed
+    assert "MISMATCH" not in rows["decoder.coords_on_available_device"]
+    assert sum("MISMATCH" in line for line in rows.values()) == len(rows) - 1
+    assert "no longer match upstream" in run.stdout

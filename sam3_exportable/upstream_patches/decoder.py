@@ -10,6 +10,15 @@ from ..patching import Patch
 from ._when import always, without_cuda
 
 
+def _init_has_no_hardcoded_cuda() -> bool:
+    import inspect
+
+    from sam3.model.decoder import TransformerDecoder
+
+    src = inspect.getsource(TransformerDecoder.__init__)
+    return 'device="cuda"' not in src or "cuda.is_available()" in src
+
+
 def _coords_on_available_device(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
     """Map the hard-coded ``device="cuda"`` to CPU when CUDA is absent; same values."""
     device = kwargs.get("device", args[2] if len(args) > 2 else None)
@@ -33,6 +42,7 @@ COORDS_ON_AVAILABLE_DEVICE = Patch(
     fingerprint="f49da3babd2e5fd2",
     wrapper=_coords_on_available_device,
     needed=without_cuda,
+    fixed_upstream=lambda src: _init_has_no_hardcoded_cuda(),
 )
 
 
@@ -82,4 +92,5 @@ STATIC_RPB_FEAT_SIZE = Patch(
     fingerprint="7d261355015d5d9d",
     wrapper=_static_rpb_feat_size,
     needed=always,
+    fixed_upstream=lambda src: ".item()" in src or "_static_size" in src,
 )

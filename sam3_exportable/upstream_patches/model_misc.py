@@ -65,4 +65,5 @@ SDPA_BOX_RPB_CROSS_ATTENTION = Patch(
     fingerprint="84ebef8eb9676b44",
     wrapper=_sdpa_box_rpb_cross_attention,
     needed=never_by_default,
+    fixed_upstream=lambda src: "scaled_dot_product_attention" in src,
 )

@@ -124,4 +124,5 @@ TRACE_SAFE_CACHE = Patch(
     fingerprint="6b031cd6b701ded9",
     wrapper=_trace_safe_cache,
     needed=always,
+    fixed_upstream=lambda src: "is_compiling()" in src,
 )
