@@ -159,7 +159,17 @@ def export_full_pipeline(
     is taken), then runs :func:`audit_dynamic_shapes`. ``patches`` is passed on to
     :func:`exportable_sam3` (``only``/``exclude``/``include``). Raises ``ValueError`` for
     example sizes below 2 and :class:`DynamicShapeAuditError` if the audit fails.
+
+    ``strict=True`` raises ``NotImplementedError``: dynamo traces the function behind a
+    ``wrapt`` wrapper (its ``__wrapped__``), so the runtime patches would silently not
+    apply (measured on torch 2.14.1). Strict export needs upstream with ``patches/`` applied.
     """
+    if strict:
+        raise NotImplementedError(
+            "export_full_pipeline(strict=True): strict export (dynamo) traces the original "
+            "function behind each wrapt wrapper, so the runtime patches would silently not "
+            "apply; use strict=False, or apply patches/*.patch to upstream and export it directly"
+        )
     if example_batch < 2 or example_prompts < 2:
         raise ValueError(
             f"export_full_pipeline: example_batch and example_prompts must be >= 2 to avoid "

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -44,4 +48,36 @@ def assert_bitwise(expected, got) -> None:
         assert torch.equal(a, b), f"{name}: max |diff| {float((a - b).abs().max())}"
 
 
-__all__ = ["assert_bitwise", "eager", "example_inputs"]
+_FRESH_PROCESS = textwrap.dedent(
+    """
+    import sys, torch, torchvision
+    ep = torch.export.load(sys.argv[1])
+    outs = ep.module()(*torch.load(sys.argv[2]))
+    torch.save(tuple(outs), sys.argv[3])
+    assert "sam3" not in sys.modules and "sam3_exportable" not in sys.modules, "imported sam3"
+    """
+)
+
+
+def run_in_fresh_process(artifact: Path, inputs, tmp_path: Path, timeout: int = 900):
+    """Load ``artifact`` in a new Python that imports only torch and torchvision, run it
+    on ``inputs`` and return its outputs."""
+    torch.save(tuple(inputs), tmp_path / "in.pt")
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _FRESH_PROCESS,
+            str(artifact),
+            str(tmp_path / "in.pt"),
+            str(tmp_path / "out.pt"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    return torch.load(tmp_path / "out.pt")
+
+
+__all__ = ["assert_bitwise", "eager", "example_inputs", "run_in_fresh_process"]

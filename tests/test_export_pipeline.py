@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_bitwise, eager, example_inputs
+from conftest import assert_bitwise, eager, example_inputs, run_in_fresh_process
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch.export import Dim
@@ -122,19 +119,6 @@ def test_bf16_autocast_equals_its_eager_twin_with_fp32_io(tiny_model) -> None:
         assert not all(torch.equal(a, b) for a, b in zip(eager(fp32, *inputs), got, strict=True))
 
 
-CHILD = textwrap.dedent(
-    """
-    import sys, torch, torchvision
-    ep = torch.export.load(sys.argv[1])
-    args = torch.load(sys.argv[2])
-    outs = ep.module()(*args)
-    torch.save(tuple(outs), sys.argv[3])
-    assert "sam3" not in sys.modules and "sam3_exportable" not in sys.modules, "imported sam3"
-    print("child ok", [tuple(o.shape) for o in outs])
-    """
-)
-
-
 def test_save_then_load_in_fresh_process_with_only_torch(tiny_wrapper, tiny_ep, tmp_path: Path) -> None:
     path = tmp_path / "tiny.pt2"
     manifest = save_pipeline(tiny_ep, path, metadata={"image_size": 224})
@@ -142,15 +126,7 @@ def test_save_then_load_in_fresh_process_with_only_torch(tiny_wrapper, tiny_ep, 
     assert json.loads(manifest_path(path).read_text())["image_size"] == 224
     assert [i["shape"][0] for i in manifest["inputs"]] != [2, 2]  # symbolic, not the trace sizes
     inputs = example_inputs(tiny_wrapper, 3, 5, seed=9)  # shape used nowhere in tracing
-    torch.save(inputs, tmp_path / "in.pt")
-    run = subprocess.run(
-        [sys.executable, "-c", CHILD, str(path), str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert_bitwise(eager(tiny_wrapper, *inputs), torch.load(tmp_path / "out.pt"))
+    assert_bitwise(eager(tiny_wrapper, *inputs), run_in_fresh_process(path, inputs, tmp_path))
     loaded = load_pipeline(path)
     assert_bitwise(eager(tiny_wrapper, *inputs), loaded.module()(*inputs))
 

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_bitwise, eager, example_inputs
-from test_export_pipeline import CHILD
+from conftest import assert_bitwise, eager, example_inputs, run_in_fresh_process
 
 import sam3_exportable as s3e
 from sam3_exportable.artifact import save_pipeline
@@ -63,15 +60,8 @@ def test_full_save_and_load_in_fresh_process(full_wrapper, full_ep, tmp_path: Pa
     path = tmp_path / "sam3.pt2"
     manifest = save_pipeline(full_ep, path)
     assert manifest["size_bytes"] > 3 * 2**30
-    torch.save(example_inputs(full_wrapper, 1, 1, seed=21), tmp_path / "in.pt")
-    run = subprocess.run(
-        [sys.executable, "-c", CHILD, str(path), str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert_bitwise(_eager(full_wrapper, 1, 1), torch.load(tmp_path / "out.pt"))
+    outputs = run_in_fresh_process(path, example_inputs(full_wrapper, 1, 1, seed=21), tmp_path)
+    assert_bitwise(_eager(full_wrapper, 1, 1), outputs)
 
 
 def test_full_predict_matches_upstream_processor(full_wrapper, full_ep) -> None:

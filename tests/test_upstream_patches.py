@@ -240,6 +240,30 @@ def test_encoder_without_feat_sizes(tiny_model) -> None:
     assert torch.equal(got["pos_embed"], expected["pos_embed"])
 
 
+# -- strict export is refused, because dynamo bypasses wrapt wrappers
+
+
+class _Doubler(torch.nn.Module):
+    def f(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.f(x)
+
+
+def test_dynamo_bypasses_wrapt_wrappers_so_strict_is_refused(tiny_model, monkeypatch) -> None:
+    import wrapt
+
+    monkeypatch.setattr(
+        _Doubler, "f", wrapt.FunctionWrapper(_Doubler.__dict__["f"], lambda w, i, a, k: w(*a, **k) + 100)
+    )
+    x = torch.ones(2)
+    assert torch.equal(torch.export.export(_Doubler(), (x,), strict=False).module()(x), x * 2 + 100)
+    assert torch.equal(torch.export.export(_Doubler(), (x,), strict=True).module()(x), x * 2)  # bypassed
+    with pytest.raises(NotImplementedError, match="silently not apply"):
+        export_full_pipeline(tiny_model, strict=True)
+
+
 # -- model_misc.sdpa_box_rpb_cross_attention (opt-in)
 
 

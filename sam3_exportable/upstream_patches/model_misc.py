@@ -58,7 +58,7 @@ SDPA_BOX_RPB_CROSS_ATTENTION = Patch(
         "scaled-dot-product cross-attention on torch 2.10 with CUDA bf16; kept opt-in"
     ),
     when=(
-        "opt-in: not needed on torch 2.14.1 CPU, strict or non-strict (nn.MultiheadAttention "
+        "opt-in: not needed on torch 2.14.1 CPU non-strict export (nn.MultiheadAttention "
         "with the 3-D float mask exports and matches eager bitwise); reported needed on "
         "torch 2.10 + CUDA bf16, not reproducible here (no GPU)"
     ),
