@@ -11,6 +11,7 @@ import dataclasses
 import datetime
 import hashlib
 import json
+import logging
 import os
 import platform
 import tempfile
@@ -198,5 +199,13 @@ def load_pipeline(path: str | os.PathLike[str], *, verify_hash: bool = True) -> 
             )
     import torchvision  # noqa: F401  registers torchvision::roi_align before load
 
-    program = torch.export.load(target)
+    # torch warns once per unbacked symbol of the box-RPB size check ("Symbol u0 did not
+    # appear in the graph"): expected for this graph, so not shown to users.
+    serde_log = logging.getLogger("torch._export.serde.serialize")
+    level = serde_log.level
+    serde_log.setLevel(logging.ERROR)
+    try:
+        program = torch.export.load(target)
+    finally:
+        serde_log.setLevel(level)
     return LoadedPipeline(program=program, manifest=manifest, path=target)
