@@ -62,6 +62,7 @@ def compare_outputs(
     rows = []
     for name, a, b in zip(OUTPUT_NAMES, expected, got, strict=True):
         same_shape = a.shape == b.shape
+        a, b = a.detach(), b.detach()
         diff = float((a.double() - b.double()).abs().max()) if same_shape and a.numel() else 0.0
         rows.append((name, diff if same_shape else float("inf"), same_shape and torch.equal(a, b)))
     return rows

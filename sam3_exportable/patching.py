@@ -247,9 +247,11 @@ class PatchSession:
     def _apply_one(self, patch: Patch) -> None:
         parent, attribute, current = patch.resolve()
         owned = attribute in vars(parent) if inspect.isclass(parent) else True
-        # Already wrapped by the same patch (nested sessions): keep the outer wrapper,
-        # never wrap a wrapper, so the original stays one __wrapped__ away.
-        if getattr(current, _MARKER, None) is patch:
+        # Already wrapped by this patch (nested sessions, or a copy of it with the same
+        # name): keep the outer wrapper, never wrap a wrapper, so the original stays one
+        # __wrapped__ away.
+        applied = getattr(current, _MARKER, None)
+        if applied is not None and applied.name == patch.name:
             return
         wrapper = wrapt.FunctionWrapper(current, patch.wrapper)
         setattr(wrapper, _MARKER, patch)

@@ -70,6 +70,15 @@ def test_nesting_keeps_the_true_original_and_outer_state() -> None:
     assert _current() == ORIGINALS
 
 
+def test_a_copy_of_an_applied_patch_does_not_wrap_twice() -> None:
+    patch = patch_by_name("decoder.static_rpb_feat_size")
+    with PatchSession([patch]), PatchSession([dataclasses.replace(patch)]) as inner:
+        assert inner.active == ()
+        value = resolve_target(patch.target)[2]
+        assert value.__wrapped__ is ORIGINALS[patch.name]
+    assert _current() == ORIGINALS
+
+
 def test_interleaved_sessions_revert_in_reverse_order() -> None:
     a = PatchSession([patch_by_name("decoder.static_rpb_feat_size")])
     b = PatchSession(select_patches())
