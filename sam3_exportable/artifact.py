@@ -14,6 +14,8 @@ import json
 import logging
 import os
 import platform
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from importlib.metadata import PackageNotFoundError, version
@@ -38,6 +40,8 @@ __all__ = [
 #: Identifies manifests written by this library.
 FORMAT = "sam3-exportable/pt2"
 FORMAT_VERSION = 1
+
+_log = logging.getLogger(__name__)
 
 
 def manifest_path(path: str | os.PathLike[str]) -> Path:
@@ -161,8 +165,11 @@ class LoadedPipeline:
         return self.program.module()
 
 
-def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read and validate the manifest of the artifact at ``path``; raise ArtifactError."""
+def read_manifest(path: str | os.PathLike[str], *, expected_format: str = FORMAT) -> dict[str, Any]:
+    """Read and validate the manifest of the artifact at ``path``; raise ArtifactError.
+
+    ``expected_format`` is :data:`FORMAT` for ``.pt2`` programs (``aoti.AOTI_FORMAT`` for
+    AOTInductor packages)."""
     target = Path(path)
     if not target.is_file():
         raise ArtifactError(f"{target}: expected a .pt2 file, found none")
@@ -176,27 +183,125 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
         manifest = json.loads(manifest_file.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ArtifactError(f"{manifest_file}: expected JSON, could not read it: {exc}") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") != expected_format:
         got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise ArtifactError(f"{manifest_file}: expected format {FORMAT!r}, got {got!r}")
+        raise ArtifactError(f"{manifest_file}: expected format {expected_format!r}, got {got!r}")
     return manifest
 
 
-def load_pipeline(path: str | os.PathLike[str], *, verify_hash: bool = True) -> LoadedPipeline:
+_SHA256_CHILD = (
+    "import hashlib, sys\n"
+    "h = hashlib.sha256()\n"
+    "buf = bytearray(1 << 24)\n"
+    "view = memoryview(buf)\n"
+    "with open(sys.argv[1], 'rb', buffering=0) as fh:\n"
+    "    while n := fh.readinto(buf):\n"
+    "        h.update(view[:n])\n"
+    "print(h.hexdigest())\n"
+)
+
+
+class _BackgroundSha256:
+    """sha256 of a file computed by a child Python process while the caller works.
+
+    A child process rather than a thread: the caller's deserialization holds the GIL almost
+    all the time and a hashing thread slowed the load by more than the hash costs (measured:
+    14.8 s vs 9.8 s + 2.6 s). The child imports only ``hashlib``. If it cannot be started,
+    :meth:`result` hashes in this process instead.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._proc: subprocess.Popen[str] | None
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-c", _SHA256_CHILD, os.fspath(path)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        except OSError as exc:
+            _log.debug("could not start a sha256 child process (%s); hashing in-process", exc)
+            self._proc = None
+
+    def cancel(self) -> None:
+        """Stop the child (if any) and reap it."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.communicate()
+
+    def result(self) -> str:
+        """The file's sha256 hex digest; raises ArtifactError if the file could not be read."""
+        if self._proc is None:
+            return sha256_file(self._path)
+        out, err = self._proc.communicate()
+        digest = out.strip()
+        if self._proc.returncode != 0 or len(digest) != 64:
+            raise ArtifactError(f"{self._path}: could not read it to check its sha256: {err.strip()[-500:]}")
+        return digest
+
+
+def _check_digest(target: Path, manifest: dict[str, Any], digest: str) -> None:
+    if digest != manifest.get("sha256"):
+        raise ArtifactError(
+            f"{target}: sha256 mismatch: the manifest expects {manifest.get('sha256')}, "
+            f"the file has {digest}; the file was changed or belongs to another manifest"
+        )
+
+
+def _load_program(target: Path, fast: bool) -> ExportedProgram:
+    if fast:
+        from .fast_load import FastLoadUnavailable, load_program
+
+        try:
+            return load_program(target)
+        except FastLoadUnavailable as exc:
+            _log.warning(
+                "fast .pt2 loading is unavailable with torch %s (%s); using torch.export.load",
+                torch.__version__,
+                exc,
+            )
+    return torch.export.load(target)
+
+
+def load_pipeline(
+    path: str | os.PathLike[str],
+    *,
+    verify_hash: bool = True,
+    hash_first: bool = False,
+    fast: bool = True,
+) -> LoadedPipeline:
     """Load a ``.pt2`` written by :func:`save_pipeline`, checking its manifest and sha256.
 
     Raises :class:`ArtifactError` when the file or manifest is missing or foreign, or the
-    file's sha256 differs from the manifest's.
+    file's sha256 differs from the manifest's; no program is returned unless the whole
+    file's sha256 matched (with ``verify_hash=True``, the default).
+
+    Hash timing: the sha256 of a 3.4 GB file costs ~2.6 s of one core. By default it is
+    computed by a child Python process *while* the file is deserialized and checked before
+    returning, so it costs little wall time on a machine with a spare core; the trade-off is
+    that a corrupted file is parsed before it is rejected (a parse error then surfaces as the
+    sha256 mismatch). ``hash_first=True`` checks the hash before reading anything else
+    (the previous behaviour; slower by the hash time). Neither makes it safe to load files
+    from an untrusted source: the manifest sits beside the file, and ``torch.export.load``
+    unpickles and evaluates parts of it.
+
+    ``fast=True`` (default) loads with :func:`sam3_exportable.fast_load.load_program`:
+    ``torch.export.load`` with memoized parsing and the weights memory-mapped from the file
+    (copy-on-write: writing to the tensors never changes the file; the file must not be
+    truncated or rewritten in place while the program is alive, replacing it by a rename is
+    safe). If torch's internals it needs differ, it logs a warning naming what and uses
+    ``torch.export.load``. ``fast=False`` always uses ``torch.export.load`` (weights copied
+    into private memory).
     """
     target = Path(path)
     manifest = read_manifest(target)
-    if verify_hash:
-        digest = sha256_file(target)
-        if digest != manifest.get("sha256"):
-            raise ArtifactError(
-                f"{target}: sha256 mismatch: the manifest expects {manifest.get('sha256')}, "
-                f"the file has {digest}; the file was changed or belongs to another manifest"
-            )
+    hasher: _BackgroundSha256 | None = None
+    if verify_hash and hash_first:
+        _check_digest(target, manifest, sha256_file(target))
+    elif verify_hash:
+        hasher = _BackgroundSha256(target)
     import torchvision  # noqa: F401  registers torchvision::roi_align before load
 
     # torch warns once per unbacked symbol of the box-RPB size check ("Symbol u0 did not
@@ -205,7 +310,17 @@ def load_pipeline(path: str | os.PathLike[str], *, verify_hash: bool = True) -> 
     level = serde_log.level
     serde_log.setLevel(logging.ERROR)
     try:
-        program = torch.export.load(target)
+        program = _load_program(target, fast)
+    except Exception:
+        if hasher is not None:
+            _check_digest(target, manifest, hasher.result())  # a corrupt file explains the failure
+        raise
+    except BaseException:  # KeyboardInterrupt and the like: don't leave the hasher running
+        if hasher is not None:
+            hasher.cancel()
+        raise
     finally:
         serde_log.setLevel(level)
+    if hasher is not None:
+        _check_digest(target, manifest, hasher.result())
     return LoadedPipeline(program=program, manifest=manifest, path=target)

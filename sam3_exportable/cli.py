@@ -78,7 +78,12 @@ def export_command(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     if not args.force:
-        for existing in (out, Path(f"{out}.json")):
+        from .aoti import aoti_path_for
+
+        planned = [out, Path(f"{out}.json")]
+        if args.aoti:
+            planned += [aoti_path_for(out), Path(f"{aoti_path_for(out)}.json")]
+        for existing in planned:
             if existing.exists():
                 raise FileExistsError(f"--out {existing}: exists; pass --force to overwrite")
     if args.threads:
@@ -123,6 +128,13 @@ def export_command(args: argparse.Namespace) -> int:
     with progress.stage("save", str(out)):
         manifest = save_pipeline(ep, out, metadata=metadata, force=args.force)
         print(f"  {manifest['size_bytes'] / 2**20:,.0f} MiB, sha256 {manifest['sha256'][:16]}...", flush=True)
+    if args.aoti:
+        from .aoti import aoti_path_for, compile_aoti
+
+        package = aoti_path_for(out)
+        with progress.stage("aoti", f"AOTInductor package {package} (several minutes at full size)"):
+            aoti_manifest = compile_aoti(ep, package, source_manifest=manifest, force=args.force)
+            print(f"  {aoti_manifest['size_bytes'] / 2**20:,.0f} MiB", flush=True)
     status = 0
     if args.verify:
         b, p = args.verify
@@ -139,6 +151,16 @@ def export_command(args: argparse.Namespace) -> int:
             else:
                 print("  verify: exported differs from eager", flush=True)
                 status = 1
+            if args.aoti:
+                from .aoti import load_aoti
+                from .bench import compare_parity
+
+                parity = compare_parity(expected, load_aoti(package).module()(*inputs))
+                for name, diff in parity["max_abs_diff"].items():
+                    print(f"  aoti {name:15s} max|diff| {diff:.3g}", flush=True)
+                same = all(v["identical"] for k, v in parity.items() if k.startswith("kept_at_"))
+                print(f"  verify: AOTInductor keeps the same instances as eager: {same}", flush=True)
+                status = status if same else 1
     total = sum(progress.timings.values())
     print(
         "timings: "
@@ -197,6 +219,34 @@ def predict_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def bench_command(args: argparse.Namespace) -> int:
+    from .bench import plan_for, run_bench
+
+    plan = plan_for(args.size, args.quick, scaling_budget_s=args.scaling_budget, all_shapes=args.all_shapes)
+    start = time.perf_counter()
+    doc = run_bench(
+        plan,
+        args.out,
+        work_dir=args.work_dir,
+        resume=args.resume,
+        force=args.force,
+        command=["sam3-exportable", *sys.argv[1:]],
+    )
+    print(f"\nresults: {Path(args.out) / 'results.json'} ({time.perf_counter() - start:.0f} s)")
+    for name in doc.get("plots", []):
+        print(f"plot: {Path(args.out) / name}")
+    print("\ntargets:")
+    for t in doc["targets"]:
+        measured = "not measured" if t["measured"] is None else f"{t['measured']:.3g} {t['unit']}".rstrip()
+        verdict = {True: "met", False: "NOT met", None: "-"}[t["met"]]
+        print(f"  {t['name']:50s} {t['target']:>7s}  {measured:>14s}  {verdict}")
+    failed = [k for k, v in doc["jobs"].items() if isinstance(v, dict) and "error" in v]
+    if failed:
+        print(f"\n{len(failed)} job(s) failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def doctor_command(args: argparse.Namespace) -> int:
     from .doctor import doctor_rows, format_table
 
@@ -229,6 +279,11 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", required=True, help="path of the .pt2 to write")
     exp.add_argument("--autocast", choices=sorted(AUTOCAST), default="none")
     exp.add_argument("--verify", type=_shape, metavar="B,P", help="compare eager and exported")
+    exp.add_argument(
+        "--aoti",
+        action="store_true",
+        help="also compile an AOTInductor package <out>.aoti.pt2 from the same program (minutes)",
+    )
     exp.add_argument("--force", action="store_true", help="overwrite an existing --out")
     exp.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     exp.set_defaults(func=export_command)
@@ -241,6 +296,21 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--out", required=True, help="output directory")
     pred.add_argument("--force", action="store_true", help="replace an existing --out")
     pred.set_defaults(func=predict_command)
+
+    bench = sub.add_parser("bench", help="measure export, load, latency, memory and FLOP/s")
+    bench.add_argument("--size", choices=["full", "tiny"], default="full")
+    bench.add_argument("--quick", action="store_true", help="tiny only: a couple of minutes")
+    bench.add_argument("--out", default="bench", help="directory for results.json and plots")
+    bench.add_argument("--work-dir", help="where the bench's artifacts go (default OUT/work)")
+    bench.add_argument(
+        "--scaling-budget", type=float, help="seconds for full-size scaling points (default 600)"
+    )
+    bench.add_argument(
+        "--all-shapes", action="store_true", help="full size: AOTInductor and bf16 at every shape too"
+    )
+    bench.add_argument("--resume", action="store_true", help="continue OUT/results.json")
+    bench.add_argument("--force", action="store_true", help="start over, replacing OUT/results.json")
+    bench.set_defaults(func=bench_command)
 
     doc = sub.add_parser("doctor", help="report each patch for the installed torch and sam3")
     doc.add_argument("--strict", action="store_true", help="report for strict export")

@@ -12,7 +12,7 @@ from torch.export import Dim, ExportedProgram
 
 from .errors import DynamicShapeAuditError
 from .patch_set import exportable_sam3
-from .pipeline import FullSam3PipelineWrapper
+from .pipeline import FullSam3PipelineWrapper, synthetic_inputs
 
 __all__ = [
     "DYNAMIC_DIMS",
@@ -129,17 +129,8 @@ def audit_dynamic_shapes(
 def example_inputs(
     wrapper: FullSam3PipelineWrapper, batch: int = 2, prompts: int = 2, seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Deterministic example inputs: images ``[batch, 3, S, S]`` in [-1, 1] and token ids
-    ``[prompts, L]`` (start token, a few word ids, end token, zero padding)."""
-    generator = torch.Generator().manual_seed(seed)
-    size, length = wrapper.image_size, wrapper.context_length
-    images = torch.rand(batch, 3, size, size, generator=generator) * 2 - 1
-    tokens = torch.zeros(prompts, length, dtype=torch.int64)
-    for p in range(prompts):
-        words = torch.randint(256, 49406, (2 + p % 3,), generator=generator)
-        row = [49406, *words.tolist(), 49407]
-        tokens[p, : len(row)] = torch.tensor(row)
-    return images, tokens
+    """:func:`~.pipeline.synthetic_inputs` sized for ``wrapper``."""
+    return synthetic_inputs(wrapper.image_size, wrapper.context_length, batch, prompts, seed)
 
 
 def export_full_pipeline(

@@ -12,7 +12,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from .errors import InputSpecError
 from .patching import is_tracing
 
-__all__ = ["OUTPUT_NAMES", "FullSam3PipelineWrapper"]
+__all__ = ["OUTPUT_NAMES", "FullSam3PipelineWrapper", "synthetic_inputs"]
 
 #: Names of the four outputs, in order.
 OUTPUT_NAMES = ("pred_logits", "pred_boxes", "pred_masks", "presence_logit_dec")
@@ -148,3 +148,19 @@ class FullSam3PipelineWrapper(nn.Module):
         with autocast, grad:
             out = self._ground(images, token_ids)
         return tuple(out[name].float() for name in OUTPUT_NAMES)  # type: ignore[return-value]
+
+
+def synthetic_inputs(
+    image_size: int, context_length: int, batch: int = 2, prompts: int = 2, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deterministic inputs for tests and benchmarks: images ``[batch, 3, S, S]`` float32 in
+    [-1, 1] and token ids ``[prompts, L]`` int64 (start token, a few word ids, end token, zero
+    padding). The same arguments give the same tensors in any process."""
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.rand(batch, 3, image_size, image_size, generator=generator) * 2 - 1
+    tokens = torch.zeros(prompts, context_length, dtype=torch.int64)
+    for p in range(prompts):
+        words = torch.randint(256, 49406, (2 + p % 3,), generator=generator)
+        row = [49406, *words.tolist(), 49407]
+        tokens[p, : len(row)] = torch.tensor(row)
+    return images, tokens

@@ -23,12 +23,14 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .artifact import LoadedPipeline, load_pipeline
+from .aoti import AOTI_FORMAT, LoadedAotiPackage, load_aoti
+from .artifact import FORMAT, LoadedPipeline, load_pipeline
 from .errors import ArtifactError, InputSpecError
 
 __all__ = [
     "Instance",
     "Predictor",
+    "load_artifact",
     "load_image",
     "validate_phrases",
 ]
@@ -109,36 +111,78 @@ def _program_io(program: torch.export.ExportedProgram) -> tuple[int, int]:
     return int(images.shape[-1]), int(tokens.shape[-1])
 
 
+def load_artifact(path: str | os.PathLike[str]) -> LoadedPipeline | LoadedAotiPackage:
+    """Load a ``.pt2`` program or an AOTInductor package, chosen by its manifest's format.
+
+    Raises :class:`ArtifactError` when the manifest is missing or of another format.
+    """
+    import json
+
+    from .artifact import manifest_path, read_manifest
+
+    target = Path(path)
+    try:
+        kind = json.loads(manifest_path(target).read_text()).get("format")
+    except (OSError, ValueError, AttributeError):
+        kind = None
+    if kind == AOTI_FORMAT:
+        return load_aoti(target)
+    if kind != FORMAT:
+        read_manifest(target)  # raises the precise ArtifactError
+    return load_pipeline(target)
+
+
 class Predictor:
     """Text-prompted segmentation with an exported SAM3 pipeline.
 
-    ``source`` is a ``.pt2`` path written by ``sam3-exportable export`` (its manifest and
-    sha256 are checked), a :class:`LoadedPipeline`, or an in-memory ``ExportedProgram``
-    (image size and context length are then read from its input shapes).
+    ``source`` is a path written by ``sam3-exportable export`` (a ``.pt2`` program or, with
+    ``--aoti``, an AOTInductor package; manifest and sha256 are checked), a
+    :class:`LoadedPipeline`, a :class:`LoadedAotiPackage`, or an in-memory
+    ``ExportedProgram`` (image size and context length are then read from its input shapes).
     """
 
     def __init__(
-        self, source: str | os.PathLike[str] | LoadedPipeline | torch.export.ExportedProgram
+        self,
+        source: str
+        | os.PathLike[str]
+        | LoadedPipeline
+        | LoadedAotiPackage
+        | torch.export.ExportedProgram,
     ) -> None:
         if isinstance(source, (str, os.PathLike)):
-            source = load_pipeline(source)
-        if isinstance(source, LoadedPipeline):
-            program, manifest = source.program, source.manifest
-        elif isinstance(source, torch.export.ExportedProgram):
-            program, manifest = source, {}
-        else:
-            raise TypeError(
-                f"Predictor source: expected a .pt2 path, LoadedPipeline or ExportedProgram, "
-                f"got {type(source).__name__}"
-            )
-        image_size, context_length = _program_io(program)
-        for key, value in (("image_size", image_size), ("context_length", context_length)):
-            if key in manifest and manifest[key] != value:
+            source = load_artifact(source)
+        program: torch.export.ExportedProgram | None
+        if isinstance(source, LoadedAotiPackage):
+            program, manifest = None, source.manifest
+            try:
+                image_size, context_length = int(manifest["image_size"]), int(manifest["context_length"])
+            except (KeyError, TypeError, ValueError):
                 raise ArtifactError(
-                    f"manifest {key}: {manifest[key]} disagrees with the program's inputs ({value})"
+                    f"{source.path}: expected image_size and context_length in its manifest, got "
+                    f"{manifest.get('image_size')!r} and {manifest.get('context_length')!r}"
+                ) from None
+            module: Any = source.module()
+        else:
+            if isinstance(source, LoadedPipeline):
+                program, manifest = source.program, source.manifest
+            elif isinstance(source, torch.export.ExportedProgram):
+                program, manifest = source, {}
+            else:
+                raise TypeError(
+                    f"Predictor source: expected a .pt2 path, LoadedPipeline, LoadedAotiPackage or "
+                    f"ExportedProgram, got {type(source).__name__}"
                 )
+            image_size, context_length = _program_io(program)
+            for key, value in (("image_size", image_size), ("context_length", context_length)):
+                if key in manifest and manifest[key] != value:
+                    raise ArtifactError(
+                        f"manifest {key}: {manifest[key]} disagrees with the program's inputs ({value})"
+                    )
+            module = program.module()
+        #: The exported program (None for an AOTInductor package).
         self.program = program
-        self.module = program.module()
+        #: Callable ``(images, token_ids) -> (logits, boxes, masks, presence)``.
+        self.module = module
         self.manifest = manifest
         self.image_size = image_size
         self.context_length = context_length

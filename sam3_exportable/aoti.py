@@ -1,0 +1,185 @@
+"""AOTInductor packages compiled from the same audited program as the ``.pt2``.
+
+A package is a ``.pt2`` zip written by ``torch._inductor.aoti_compile_and_package`` with a
+manifest beside it (``<package>.json``, format :data:`AOTI_FORMAT`) that carries the source
+program's manifest fields (image size, context length, tokenizer, patches, audit) plus the
+compile time and the inductor options. Dynamic ``batch`` and ``num_prompts`` are kept: the
+package is compiled from the exported program, whose range constraints are both ``[1, inf)``.
+
+The package runs the same graph but not the same kernels: inductor fuses pointwise ops and
+generates its own loops, so its outputs are close to the ``.pt2``'s, not bitwise equal (the
+tests bound the difference and check that the kept instances are the same).
+
+Like :mod:`.artifact`, this module imports neither ``sam3`` nor anything that does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.export import ExportedProgram
+
+from .artifact import (
+    _io_specs,
+    _version_of,
+    atomic_write,
+    manifest_path,
+    read_manifest,
+    sha256_file,
+)
+from .errors import ArtifactError
+
+__all__ = [
+    "AOTI_FORMAT",
+    "DEFAULT_INDUCTOR_CONFIGS",
+    "LoadedAotiPackage",
+    "aoti_path_for",
+    "compile_aoti",
+    "load_aoti",
+]
+
+#: Identifies AOTInductor package manifests written by this library.
+AOTI_FORMAT = "sam3-exportable/aoti"
+
+#: Inductor options used by ``export --aoti``. ``freezing`` lets inductor treat the weights
+#: as constants (folding and, on CPU, pre-packing them for oneDNN).
+DEFAULT_INDUCTOR_CONFIGS: dict[str, Any] = {"freezing": True}
+
+# Fields of the source program's manifest that describe the model and its I/O contract.
+_CARRIED = (
+    "model",
+    "image_size",
+    "context_length",
+    "vocab_size",
+    "normalize",
+    "tokenizer",
+    "output_names",
+    "autocast_dtype",
+    "strict",
+    "patches",
+    "audit",
+    "exported_by",
+)
+
+
+def aoti_path_for(pt2_path: str | os.PathLike[str]) -> Path:
+    """``build/sam3.pt2`` -> ``build/sam3.aoti.pt2``."""
+    path = Path(pt2_path)
+    stem = path.name[: -len(".pt2")] if path.name.endswith(".pt2") else path.name
+    return path.with_name(f"{stem}.aoti.pt2")
+
+
+def compile_aoti(
+    ep: ExportedProgram,
+    path: str | os.PathLike[str],
+    *,
+    source_manifest: dict[str, Any] | None = None,
+    inductor_configs: dict[str, Any] | None = None,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Compile ``ep`` with AOTInductor into the package ``path`` and write its manifest.
+
+    ``source_manifest`` is the manifest of the ``.pt2`` that ``ep`` was saved as (or the
+    metadata the export command records): its model and I/O fields are carried over, and its
+    sha256, when present, is recorded as the source. ``inductor_configs`` defaults to
+    :data:`DEFAULT_INDUCTOR_CONFIGS`. Both files are written atomically; existing files are
+    kept unless ``force`` (``FileExistsError``). Returns the manifest, whose
+    ``compile_seconds`` is the wall time of the compile.
+    """
+    import torch._inductor
+
+    target = Path(path)
+    manifest_file = manifest_path(target)
+    for existing in (target, manifest_file):
+        if existing.exists() and not force:
+            raise FileExistsError(f"{existing}: exists; pass force=True (or --force) to overwrite")
+    configs = dict(DEFAULT_INDUCTOR_CONFIGS if inductor_configs is None else inductor_configs)
+    source = source_manifest or {}
+    inputs, outputs = _io_specs(ep)
+    with atomic_write(target, force=force) as tmp:
+        start = time.perf_counter()
+        torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp), inductor_configs=dict(configs))
+        seconds = time.perf_counter() - start
+        digest = sha256_file(tmp)
+        size = tmp.stat().st_size
+    manifest: dict[str, Any] = {
+        **{key: source[key] for key in _CARRIED if key in source},
+        "format": AOTI_FORMAT,
+        "format_version": 1,
+        "artifact": target.name,
+        "sha256": digest,
+        "size_bytes": size,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "compile_seconds": round(seconds, 3),
+        "inductor_configs": configs,
+        "source": {"artifact": source.get("artifact"), "sha256": source.get("sha256")},
+        "versions": {
+            "sam3": _version_of("sam3"),
+            "sam3_exportable": _version_of("sam3-exportable"),
+            "torch": torch.__version__,
+            "torchvision": _version_of("torchvision"),
+        },
+        "inputs": inputs,
+        "outputs": outputs,
+    }
+    if "image_size" not in manifest:
+        manifest["image_size"] = int(inputs[0]["shape"][-1])
+    if "context_length" not in manifest:
+        manifest["context_length"] = int(inputs[1]["shape"][-1])
+
+    with atomic_write(manifest_file, force=force) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return manifest
+
+
+@dataclasses.dataclass
+class LoadedAotiPackage:
+    """A loaded AOTInductor package: call :meth:`module` like an exported program's module."""
+
+    runner: Any
+    manifest: dict[str, Any]
+    path: Path
+
+    def module(self) -> _AotiModule:
+        return _AotiModule(self.runner)
+
+
+class _AotiModule:
+    """Calls the compiled package with ``(images, token_ids)``; returns the four outputs."""
+
+    def __init__(self, runner: Any) -> None:
+        self.runner = runner
+
+    def __call__(self, images: torch.Tensor, token_ids: torch.Tensor) -> Sequence[torch.Tensor]:
+        return self.runner(images, token_ids)
+
+
+def load_aoti(path: str | os.PathLike[str], *, verify_hash: bool = True) -> LoadedAotiPackage:
+    """Load an AOTInductor package written by :func:`compile_aoti`.
+
+    Checks the manifest (format :data:`AOTI_FORMAT`) and, unless ``verify_hash`` is False,
+    the package's sha256. Raises :class:`ArtifactError` when the file or manifest is missing
+    or foreign, or the hash differs.
+    """
+    target = Path(path)
+    manifest = read_manifest(target, expected_format=AOTI_FORMAT)
+    if verify_hash:
+        digest = sha256_file(target)
+        if digest != manifest.get("sha256"):
+            raise ArtifactError(
+                f"{target}: sha256 mismatch: the manifest expects {manifest.get('sha256')}, "
+                f"the file has {digest}; the file was changed or belongs to another manifest"
+            )
+    import torch._inductor
+    import torchvision  # noqa: F401  registers torchvision::roi_align for the package's fallback
+
+    runner = torch._inductor.aoti_load_package(str(target))
+    return LoadedAotiPackage(runner=runner, manifest=manifest, path=target)

@@ -1,0 +1,717 @@
+"""``sam3-exportable bench``: what the artifact costs, side by side with eager, in one run.
+
+Every configuration runs in its own fresh process (:mod:`.bench_worker`), one after the
+other in a single invocation, so ratios between configurations hold on a noisy machine.
+Latencies are medians of ``runs`` timed forwards after ``warmup`` untimed ones; every
+figure is stored with its min, median and max. Results go to ``<out>/results.json``
+(written atomically after every job, so an interrupted run keeps what it measured and
+``--resume`` continues it) and PNG plots beside it.
+
+Figures: export and save time, peak RSS and artifact size; fresh-process load time next to
+the time to read the same file; latency of eager, exported ``.pt2``, AOTInductor package
+and bf16-autocast ``.pt2`` per shape; latency and peak RSS versus P and B with a linear fit
+(cost per extra prompt and per extra image); FLOPs per forward and achieved FLOP/s
+against this machine's measured matmul peaks; output parity; and the speed targets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .artifact import atomic_write
+
+__all__ = [
+    "SCHEMA",
+    "BenchPlan",
+    "kept_instances",
+    "linear_fit",
+    "plan_for",
+    "run_bench",
+    "stat",
+]
+
+SCHEMA = "sam3-exportable/bench"
+SCHEMA_VERSION = 1
+GIB = float(1 << 30)
+VARIANTS = ("eager", "exported", "aoti", "bf16")
+
+
+@dataclasses.dataclass
+class BenchPlan:
+    """What one bench invocation measures (see :func:`plan_for` for the presets)."""
+
+    size: str
+    quick: bool
+    shapes: list[tuple[int, int]]
+    variants: list[str]
+    #: Shapes for the ``aoti`` and ``bf16`` variants (eager and exported run all ``shapes``).
+    other_shapes: list[tuple[int, int]]
+    warmup: int
+    runs: int
+    scaling_prompts: list[int]
+    scaling_batches: list[int]
+    scaling_warmup: int
+    scaling_runs: int
+    scaling_budget_s: float | None  # None: no limit
+    load_runs: int
+    matmul_n: int
+    matmul_runs: int
+    aoti: bool
+    inductor_configs: dict[str, Any]
+    profile: bool
+    threads: int
+    seed: int = 0
+
+
+def plan_for(
+    size: str, quick: bool = False, *, scaling_budget_s: float | None = None, all_shapes: bool = False
+) -> BenchPlan:
+    """The preset plan for ``size`` (``tiny`` or ``full``).
+
+    ``tiny``: every shape, variant and scaling point with one warm-up and three timed runs.
+    ``tiny --quick``: no AOTInductor compile (it alone takes minutes), one timed run, a
+    shorter scaling series: a couple of minutes, for checking the tool itself.
+    ``full``: eager and exported ``.pt2`` at (1,1), (2,3), (1,8), AOTInductor and bf16 at
+    (1,1) (with ``all_shapes``: at all three, about 40 more minutes on 2 cores), one warm-up
+    and three timed runs each; scaling points beyond those are single cold runs of the
+    exported ``.pt2``, taken in order of importance (P=32 first: it carries the memory
+    target, then B=2 for the per-image cost) while their predicted cost fits
+    ``scaling_budget_s`` (default 600 s).
+    """
+    from .aoti import DEFAULT_INDUCTOR_CONFIGS
+
+    if size not in ("tiny", "full"):
+        raise ValueError(f"bench size: expected 'tiny' or 'full', got {size!r}")
+    if size == "full" and quick:
+        raise ValueError("bench --quick: expected --size tiny (a quick full-size run is not meaningful)")
+    threads = torch.get_num_threads()
+    shapes = [(1, 1), (2, 3), (1, 8)]
+    common: dict[str, Any] = {
+        "size": size,
+        "quick": quick,
+        "shapes": shapes,
+        "other_shapes": shapes if (size == "tiny" or all_shapes) else [(1, 1)],
+        "variants": [v for v in VARIANTS if not (quick and v == "aoti")],
+        "aoti": not quick,
+        "inductor_configs": dict(DEFAULT_INDUCTOR_CONFIGS),
+        "threads": threads,
+    }
+    if size == "tiny":
+        return BenchPlan(
+            **common,
+            warmup=1,
+            runs=1 if quick else 3,
+            scaling_prompts=[1, 2, 4, 8] if quick else [1, 2, 4, 8, 16, 32],
+            scaling_batches=[1, 2] if quick else [1, 2, 4],
+            scaling_warmup=1,
+            scaling_runs=1 if quick else 3,
+            scaling_budget_s=scaling_budget_s,
+            load_runs=1 if quick else 3,
+            matmul_n=1024 if quick else 2048,
+            matmul_runs=3,
+            profile=not quick,
+        )
+    return BenchPlan(
+        **common,
+        warmup=1,
+        runs=3,
+        scaling_prompts=[32, 4, 2, 16],
+        scaling_batches=[2, 4],
+        scaling_warmup=0,
+        scaling_runs=1,
+        scaling_budget_s=600.0 if scaling_budget_s is None else scaling_budget_s,
+        load_runs=3,
+        matmul_n=4096,
+        matmul_runs=3,
+        profile=True,
+    )
+
+
+def stat(values: Sequence[float]) -> dict[str, Any]:
+    """``{"n", "min", "median", "max", "values"}`` of a non-empty sequence."""
+    vals = [float(v) for v in values]
+    if not vals:
+        raise ValueError("stat: expected at least one value, got none")
+    return {
+        "n": len(vals),
+        "min": min(vals),
+        "median": statistics.median(vals),
+        "max": max(vals),
+        "values": vals,
+    }
+
+
+def linear_fit(xs: Sequence[float], ys: Sequence[float]) -> dict[str, float] | None:
+    """Least-squares ``y = intercept + slope * x``; None with fewer than two distinct x."""
+    if len(set(xs)) < 2:
+        return None
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx
+    return {"slope": slope, "intercept": my - slope * mx}
+
+
+def pair_scores(logits: torch.Tensor, presence: torch.Tensor) -> torch.Tensor:
+    """Upstream's instance scores ``sigmoid(logits) * sigmoid(presence)``: ``[N, Q]``."""
+    return (logits.float().sigmoid() * presence.float().sigmoid().unsqueeze(1)).squeeze(-1)
+
+
+def kept_instances(outputs: Sequence[torch.Tensor], threshold: float) -> list[list[int]]:
+    """Per pair, the query indices whose score exceeds ``threshold`` (upstream's keep rule)."""
+    scores = pair_scores(outputs[0], outputs[3])
+    return [torch.nonzero(row > threshold).flatten().tolist() for row in scores]
+
+
+def compare_parity(
+    reference: Sequence[torch.Tensor], other: Sequence[torch.Tensor], top_k: int = 10
+) -> dict[str, Any]:
+    """Max |diff| per output, bitwise equality, and whether post-processing keeps the same
+    instances with the same binary masks, at threshold 0.5 and at the threshold midway
+    between the reference's ``top_k``-th and next score per pair (so the reference keeps
+    exactly ``top_k`` there even with random weights)."""
+    from .pipeline import OUTPUT_NAMES
+
+    out: dict[str, Any] = {"max_abs_diff": {}, "bitwise": {}}
+    for name, a, b in zip(OUTPUT_NAMES, reference, other, strict=True):
+        a, b = a.float(), b.float()
+        out["max_abs_diff"][name] = float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
+        out["bitwise"][name] = bool(torch.equal(a, b))
+    ref_scores = pair_scores(reference[0], reference[3])
+    got_scores = pair_scores(other[0], other[3])
+    top = ref_scores.sort(dim=1, descending=True).values
+    k = min(top_k, top.shape[1] - 1)
+    per_pair = ((top[:, k - 1] + top[:, k]) / 2).tolist()
+    checks = {"0.5": [0.5] * ref_scores.shape[0], f"top{k}": per_pair}
+    for label, thresholds in checks.items():
+        same, pixels, kept = True, 0, 0
+        for i, t in enumerate(thresholds):
+            ref_keep = torch.nonzero(ref_scores[i] > t).flatten()
+            got_keep = torch.nonzero(got_scores[i] > t).flatten()
+            if not torch.equal(ref_keep, got_keep):
+                same = False
+                continue
+            kept += len(ref_keep)
+            pixels += int(((reference[2][i, ref_keep] > 0) != (other[2][i, ref_keep] > 0)).sum())
+        out[f"kept_at_{label}"] = {"identical": same, "kept": kept, "mask_pixels_differing": pixels}
+    return out
+
+
+def _version_of(package: str) -> str | None:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, cores, memory, instruction-set flags relevant to bf16, and versions."""
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or None,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+        for line in cpuinfo.splitlines():
+            if line.startswith("model name"):
+                info["cpu_model"] = line.split(":", 1)[1].strip()
+                break
+        flags = next(
+            (ln.split(":", 1)[1].split() for ln in cpuinfo.splitlines() if ln.startswith("flags")), []
+        )
+        info["cpu_flags"] = sorted(f for f in flags if f.startswith(("avx512", "amx", "avx2", "fma")))
+    except OSError:
+        pass
+    try:
+        meminfo = Path("/proc/meminfo").read_text().split()
+        info["memory_gib"] = round(int(meminfo[meminfo.index("MemTotal:") + 1]) / 2**20, 2)
+    except (OSError, ValueError):
+        pass
+    return info
+
+
+def versions() -> dict[str, Any]:
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": _version_of("torchvision"),
+        "sam3": _version_of("sam3"),
+        "sam3_exportable": _version_of("sam3-exportable"),
+    }
+
+
+class BenchRun:
+    """Runs the jobs of a :class:`BenchPlan` and keeps ``results.json`` current."""
+
+    def __init__(
+        self,
+        plan: BenchPlan,
+        out_dir: Path,
+        work_dir: Path,
+        *,
+        resume: bool = False,
+        log: Callable[[str], None] = print,
+        command: Sequence[str] = (),
+    ) -> None:
+        self.plan, self.out_dir, self.work_dir, self.log = plan, out_dir, work_dir, log
+        self.results_path = out_dir / "results.json"
+        previous: dict[str, Any] = {}
+        if resume and self.results_path.is_file():
+            previous = json.loads(self.results_path.read_text())
+            if previous.get("plan") != _jsonable(dataclasses.asdict(plan)):
+                raise ValueError(
+                    f"--resume: {self.results_path} was written by a different plan; "
+                    "rerun without --resume (and with --force) to start over"
+                )
+        self.jobs: dict[str, Any] = previous.get("jobs", {})
+        self.doc: dict[str, Any] = {
+            "schema": SCHEMA,
+            "schema_version": SCHEMA_VERSION,
+            "created": previous.get("created")
+            or datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": list(command),
+            "size": plan.size,
+            "quick": plan.quick,
+            "machine": machine_info(),
+            "versions": versions(),
+            "plan": _jsonable(dataclasses.asdict(plan)),
+            "jobs": self.jobs,
+        }
+
+    # -- jobs ---------------------------------------------------------------------------
+    def job(self, key: str, spec: dict[str, Any]) -> dict[str, Any]:
+        """Run one worker job in a fresh process, once: a finished key is reused."""
+        if key in self.jobs and "error" not in self.jobs[key]:
+            self.log(f"[{key}] reused from {self.results_path}")
+            return self.jobs[key]
+        spec = {"threads": self.plan.threads, "seed": self.plan.seed, "size": self.plan.size, **spec}
+        self.log(f"[{key}] ...")
+        with tempfile.TemporaryDirectory(dir=self.work_dir) as tmp:
+            spec_file, result_file = Path(tmp) / "spec.json", Path(tmp) / "result.json"
+            spec_file.write_text(json.dumps(spec))
+            start = time.perf_counter()
+            proc = subprocess.run(
+                [sys.executable, "-m", "sam3_exportable.bench_worker", str(spec_file), str(result_file)],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            wall = time.perf_counter() - start
+            if proc.returncode != 0 or not result_file.is_file():
+                tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-15:]
+                result: dict[str, Any] = {"error": f"exit status {proc.returncode}", "stderr_tail": tail}
+            else:
+                result = json.loads(result_file.read_text())
+        result["process_wall_s"] = wall
+        self.jobs[key] = result
+        self.save()
+        if "error" in result:
+            self.log(f"[{key}] FAILED ({result['error']}):\n  " + "\n  ".join(result["stderr_tail"]))
+        else:
+            self.log(f"[{key}] done in {wall:.1f} s")
+        return result
+
+    def save(self) -> None:
+        with atomic_write(self.results_path, force=True) as tmp:
+            tmp.write_text(json.dumps(self.doc, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+    def artifact(self, name: str) -> Path:
+        return self.work_dir / name
+
+    def run(self) -> dict[str, Any]:
+        plan = self.plan
+        self.doc["started"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        start = time.perf_counter()
+        self.job(
+            "matmul_peak",
+            {
+                "job": "matmul_peak",
+                "n": plan.matmul_n,
+                "runs": plan.matmul_runs,
+                "dtypes": ["float32", "bfloat16"],
+            },
+        )
+        self._import_torch()
+        fp32 = self.artifact("sam3.pt2")
+        bf16 = self.artifact("sam3-bf16.pt2")
+        aoti = self.artifact("sam3.aoti.pt2")
+        self.job("export/fp32", {"job": "export", "autocast": "none", "out": str(fp32)})
+        if "bf16" in plan.variants:
+            self.job("export/bf16", {"job": "export", "autocast": "bf16", "out": str(bf16)})
+        if plan.aoti:
+            self.job(
+                "aoti_compile",
+                {
+                    "job": "aoti_compile",
+                    "pt2": str(fp32),
+                    "out": str(aoti),
+                    "inductor_configs": plan.inductor_configs,
+                },
+            )
+        loads = [("read", fp32), ("pt2", fp32), ("pt2-torch", fp32)] + ([("aoti", aoti)] if plan.aoti else [])
+        for how, path in loads:
+            for i in range(plan.load_runs):
+                self.job(f"load/{how}/{i}", {"job": "load", "how": how, "path": str(path)})
+        paths = {"eager": None, "exported": fp32, "aoti": aoti, "bf16": bf16}
+        for b, p in plan.shapes:
+            for variant in plan.variants:
+                if variant in ("aoti", "bf16") and (b, p) not in plan.other_shapes:
+                    continue
+                spec = {
+                    "job": "latency",
+                    "variant": variant,
+                    "path": str(paths[variant]) if paths[variant] else None,
+                    "shape": [b, p],
+                    "warmup": plan.warmup,
+                    "runs": plan.runs,
+                    "count_flops": variant == "eager" and plan.warmup > 0,
+                    "save_outputs": str(self.artifact(f"out-{variant}-{b}x{p}.pt"))
+                    if (b, p) == (1, 1)
+                    else None,
+                }
+                self.job(f"latency/{variant}/{b}x{p}", spec)
+        self._scaling(fp32)
+        if plan.profile:
+            self._profiles(fp32, bf16)
+        self.doc["total_wall_s"] = self.doc.get("total_wall_s", 0.0) + time.perf_counter() - start
+        self.summarize()
+        self.save()
+        return self.doc
+
+    def _import_torch(self) -> None:
+        """Import times of torch, then torchvision, each in a bare fresh interpreter."""
+        if "imports" in self.jobs:
+            return
+        code = (
+            "import time; t0 = time.perf_counter(); import torch; t1 = time.perf_counter(); "
+            "import torchvision; print(t1 - t0, time.perf_counter() - t1)"
+        )
+        runs = []
+        for _ in range(max(1, self.plan.load_runs)):
+            proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+            torch_s, tv_s = (float(v) for v in proc.stdout.split()[-2:])
+            runs.append({"torch_s": torch_s, "torchvision_s": tv_s})
+        self.jobs["imports"] = runs
+        self.save()
+
+    def _scaling_spec(self, path: Path, b: int, p: int, warmup: int, runs: int) -> dict[str, Any]:
+        return {
+            "job": "latency",
+            "variant": "exported",
+            "path": str(path),
+            "shape": [b, p],
+            "warmup": warmup,
+            "runs": runs,
+        }
+
+    def _scaling(self, fp32: Path) -> None:
+        """Exported ``.pt2`` at (1, P) and (B, 1); points already measured by the latency
+        matrix with the same settings are reused, the rest run while the budget lasts."""
+        plan = self.plan
+        matrix = {(b, p) for b, p in plan.shapes} if "exported" in plan.variants else set()
+        prompts = [(1, p) for p in plan.scaling_prompts]
+        batches = [(b, 1) for b in plan.scaling_batches]
+        # Most important first: the first P point (P=32 at full size), the first B point,
+        # then the rest in the order given.
+        points = prompts[:1] + batches[:1] + prompts[1:] + batches[1:]
+        budget = float("inf") if plan.scaling_budget_s is None else plan.scaling_budget_s
+        skipped = []
+        for b, p in points:
+            if (b, p) in matrix:
+                continue
+            key = f"scaling/{b}x{p}"
+            if key not in self.jobs:
+                predicted = self._predict_seconds(b, p) * (plan.scaling_warmup + plan.scaling_runs) + 30
+                if predicted > budget:
+                    skipped.append(
+                        {"shape": [b, p], "predicted_s": round(predicted, 1), "budget_left_s": budget}
+                    )
+                    self.log(f"[{key}] skipped: predicted {predicted:.0f} s > budget left {budget:.0f} s")
+                    continue
+            result = self.job(key, self._scaling_spec(fp32, b, p, plan.scaling_warmup, plan.scaling_runs))
+            budget -= result.get("process_wall_s", 0.0)
+        self.doc["scaling_skipped"] = skipped
+
+    def _predict_seconds(self, b: int, p: int) -> float:
+        """Linear model from the exported (1,1) and (1,8) latencies (a rough budget guide)."""
+
+        def median(key: str) -> float | None:
+            res = self.jobs.get(key, {})
+            return statistics.median(res["seconds"]) if res.get("seconds") else None
+
+        t11 = median("latency/exported/1x1") or 1.0
+        t18 = median("latency/exported/1x8")
+        per_prompt = (t18 - t11) / 7 if t18 else t11 * 0.2
+        return b * (t11 + per_prompt * (p - 1))
+
+    def _profiles(self, fp32: Path, bf16: Path) -> None:
+        """Op-level profile of one (1,1) forward per artifact, and a cProfile of the load."""
+        self.job("profile/load", {"job": "profile_load", "path": str(fp32)})
+        for name, path in (("exported", fp32), ("bf16", bf16)):
+            if name in self.plan.variants:
+                self.job(f"profile/{name}", {"job": "profile", "path": str(path), "shape": [1, 1]})
+
+    # -- summary ------------------------------------------------------------------------
+    def summarize(self) -> None:
+        jobs = self.jobs
+        doc = self.doc
+        peaks = jobs.get("matmul_peak", {})
+        doc["matmul_peak_gflops"] = {
+            key: stat(peaks[dt]["gflops"])
+            for key, dt in (("fp32", "float32"), ("bf16", "bfloat16"))
+            if dt in peaks
+        }
+        doc["export"] = {}
+        for kind in ("fp32", "bf16"):
+            res = jobs.get(f"export/{kind}")
+            if res and "error" not in res:
+                doc["export"][kind] = {
+                    "build_s": stat([res["build_s"]]),
+                    "export_s": stat([res["export_s"]]),
+                    "save_s": stat([res["save_s"]]),
+                    "peak_rss_gib": stat([res["peak_rss"] / GIB]),
+                    "size_mib": res["size_bytes"] / 2**20,
+                    "graph_nodes": res["nodes"],
+                    "audit": res["audit"],
+                }
+        res = jobs.get("aoti_compile")
+        if res and "error" not in res:
+            doc["aoti"] = {
+                "compile_s": stat([res["compile_s"]]),
+                "peak_rss_gib": stat([res["peak_rss"] / GIB]),
+                "size_mib": res["size_bytes"] / 2**20,
+                "inductor_configs": res["inductor_configs"],
+            }
+        else:
+            doc["aoti"] = {"skipped": "--quick" if not self.plan.aoti else "compile failed"}
+        doc["load"] = {}
+        if jobs.get("imports"):
+            doc["load"]["import_torch_s"] = stat([r["torch_s"] for r in jobs["imports"]])
+            doc["load"]["import_torchvision_s"] = stat([r["torchvision_s"] for r in jobs["imports"]])
+        for how in ("read", "pt2", "pt2-torch", "aoti"):
+            runs = [jobs[k] for k in jobs if k.startswith(f"load/{how}/") and "error" not in jobs[k]]
+            if runs:
+                doc["load"][how.replace("-", "_")] = {
+                    "seconds": stat([r["seconds"] for r in runs]),
+                    "peak_rss_gib": stat([r["peak_rss"] / GIB for r in runs]),
+                }
+        doc["latency"] = self._latency_rows()
+        doc["parity"] = self._parity()
+        doc["scaling"] = self._scaling_summary()
+        doc["targets"] = self._targets()
+
+    def _latency_rows(self) -> list[dict[str, Any]]:
+        rows = []
+        peaks = self.doc["matmul_peak_gflops"]
+        flops_by_shape = {}
+        for b, p in self.plan.shapes:
+            res = self.jobs.get(f"latency/eager/{b}x{p}", {})
+            if "flops" in res:
+                flops_by_shape[(b, p)] = res["flops"]
+        for b, p in self.plan.shapes:
+            eager = self.jobs.get(f"latency/eager/{b}x{p}", {})
+            for variant in self.plan.variants:
+                if variant in ("aoti", "bf16") and (b, p) not in self.plan.other_shapes:
+                    continue
+                res = self.jobs.get(f"latency/{variant}/{b}x{p}")
+                if not res or "error" in res:
+                    rows.append(
+                        {"variant": variant, "B": b, "P": p, "error": (res or {}).get("error", "not run")}
+                    )
+                    continue
+                median = statistics.median(res["seconds"])
+                row: dict[str, Any] = {
+                    "variant": variant,
+                    "B": b,
+                    "P": p,
+                    "seconds": stat(res["seconds"]),
+                    "warmup_s": res.get("warmup_s", []),
+                    "load_s": res["load_s"],
+                    "rss_after_load_gib": res["rss_after_load"] / GIB,
+                    "peak_rss_gib": stat([res["peak_rss"] / GIB]),
+                }
+                if eager.get("seconds"):
+                    row["ratio_to_eager"] = median / statistics.median(eager["seconds"])
+                    row["speedup_vs_eager"] = statistics.median(eager["seconds"]) / median
+                flops = flops_by_shape.get((b, p))
+                if flops:
+                    row["flops"] = flops
+                    row["achieved_gflops"] = flops / median / 1e9
+                    peak_key = "bf16" if variant == "bf16" else "fp32"
+                    if peak_key in peaks:
+                        row["fraction_of_matmul_peak"] = row["achieved_gflops"] / peaks[peak_key]["median"]
+                        row["matmul_peak_used"] = peak_key
+                rows.append(row)
+        return rows
+
+    def _parity(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"shape": [1, 1]}
+        ref_path = self.artifact("out-eager-1x1.pt")
+        if not ref_path.is_file():
+            return out
+        reference = torch.load(ref_path)
+        for variant in ("exported", "aoti", "bf16"):
+            path = self.artifact(f"out-{variant}-1x1.pt")
+            if path.is_file():
+                key = "bf16_vs_fp32_eager" if variant == "bf16" else f"{variant}_vs_eager"
+                out[key] = compare_parity(reference, torch.load(path))
+        return out
+
+    def _scaling_summary(self) -> dict[str, Any]:
+        def point(b: int, p: int) -> dict[str, Any] | None:
+            for key in (f"latency/exported/{b}x{p}", f"scaling/{b}x{p}"):
+                res = self.jobs.get(key)
+                if res and res.get("seconds"):
+                    return {
+                        "B": b,
+                        "P": p,
+                        "seconds": stat(res["seconds"]),
+                        "peak_rss_gib": stat([res["peak_rss"] / GIB]),
+                        "runs": len(res["seconds"]),
+                        "warmup": len(res.get("warmup_s", [])),
+                        "source": key.split("/")[0],
+                    }
+            return None
+
+        prompts = sorted({1, *self.plan.scaling_prompts})
+        batches = sorted({1, *self.plan.scaling_batches})
+        by_p = [pt for p in prompts if (pt := point(1, p))]
+        by_b = [pt for b in batches if (pt := point(b, 1))]
+
+        def fit(points: list[dict[str, Any]], axis: str, field: str) -> dict[str, float] | None:
+            return linear_fit([pt[axis] for pt in points], [pt[field]["median"] for pt in points])
+
+        return {
+            "variant": "exported",
+            "budget_s": self.plan.scaling_budget_s,
+            "prompts_at_B1": by_p,
+            "batches_at_P1": by_b,
+            "skipped": self.doc.get("scaling_skipped", []),
+            "seconds_per_extra_prompt": (f := fit(by_p, "P", "seconds")) and f["slope"],
+            "gib_per_extra_prompt": (f := fit(by_p, "P", "peak_rss_gib")) and f["slope"],
+            "seconds_per_extra_image": (f := fit(by_b, "B", "seconds")) and f["slope"],
+            "gib_per_extra_image": (f := fit(by_b, "B", "peak_rss_gib")) and f["slope"],
+        }
+
+    def _targets(self) -> list[dict[str, Any]]:
+        rows = {(r["variant"], r["B"], r["P"]): r for r in self.doc["latency"] if "seconds" in r}
+        targets: list[dict[str, Any]] = []
+
+        def add(name: str, target: str, measured: float | None, met: bool | None, unit: str = "") -> None:
+            targets.append({"name": name, "target": target, "measured": measured, "unit": unit, "met": met})
+
+        for b, p in self.plan.shapes:
+            r = rows.get(("exported", b, p))
+            ratio = r.get("ratio_to_eager") if r else None
+            add(
+                f"exported latency / eager at ({b},{p})",
+                "<= 1.00",
+                ratio,
+                None if ratio is None else ratio <= 1.0,
+                "x",
+            )
+        r = rows.get(("bf16", 1, 1))
+        speed = r.get("speedup_vs_eager") if r else None
+        add(
+            "bf16 .pt2 speed-up over fp32 eager at (1,1)",
+            ">= 1.8",
+            speed,
+            None if speed is None else speed >= 1.8,
+            "x",
+        )
+        r = rows.get(("aoti", 1, 1))
+        speed = r.get("speedup_vs_eager") if r else None
+        add(
+            "AOTInductor speed-up over eager at (1,1)",
+            ">= 1.1",
+            speed,
+            None if speed is None else speed >= 1.1,
+            "x",
+        )
+        aoti = self.doc.get("aoti", {})
+        compile_s = aoti["compile_s"]["median"] if "compile_s" in aoti else None
+        add(
+            "AOTInductor compile time",
+            "< 360",
+            compile_s,
+            None if compile_s is None else compile_s < 360,
+            "s",
+        )
+        load = self.doc["load"].get("pt2")
+        load_s = load["seconds"]["median"] if load else None
+        add(
+            "fresh-process load of the .pt2 (load_pipeline)",
+            "<= 10",
+            load_s,
+            None if load_s is None else load_s <= 10,
+            "s",
+        )
+        p32 = next((pt for pt in self.doc["scaling"]["prompts_at_B1"] if pt["P"] == 32), None)
+        rss = p32["peak_rss_gib"]["max"] if p32 else None
+        add("peak RSS at B=1, P=32", "<= 16", rss, None if rss is None else rss <= 16, "GiB")
+        return targets
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=_json_default))
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return list(value)
+    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
+
+
+def run_bench(
+    plan: BenchPlan,
+    out_dir: str | os.PathLike[str],
+    *,
+    work_dir: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    force: bool = False,
+    plots: bool = True,
+    log: Callable[[str], None] = print,
+    command: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Run ``plan``; write ``out_dir/results.json``, ``summary.md`` and the plots; return the results.
+
+    ``work_dir`` holds the artifacts the bench builds (default ``out_dir/work``; the full
+    size needs about 10 GB there). An existing ``results.json`` is refused unless
+    ``force`` (start over) or ``resume`` (continue: finished jobs are reused).
+    """
+    out = Path(out_dir)
+    results = out / "results.json"
+    if results.exists() and not (force or resume):
+        raise FileExistsError(f"{results}: exists; pass --resume to continue it or --force to start over")
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(work_dir) if work_dir else out / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    runner = BenchRun(plan, out, work, resume=resume and results.exists(), log=log, command=command)
+    doc = runner.run()
+    from .bench_report import markdown_summary
+
+    with atomic_write(out / "summary.md", force=True) as tmp:
+        tmp.write_text(markdown_summary(doc))
+    if plots:
+        from .bench_plots import write_plots
+
+        doc["plots"] = write_plots(doc, out)
+        runner.save()
+    return doc

@@ -1,0 +1,319 @@
+"""One benchmark job, run in a fresh process by :mod:`.bench`.
+
+``python -m sam3_exportable.bench_worker SPEC.json RESULT.json`` runs the job that
+``SPEC.json`` describes and writes its figures to ``RESULT.json``. Each job kind is a
+function below taking the spec dict and returning a JSON-able dict. A fresh process per
+job keeps figures independent: peak RSS (``ru_maxrss``) is the job's own, and no allocator
+or kernel cache carries over from another configuration.
+
+Jobs that run an artifact (``exported``, ``aoti``, ``bf16``) import only torch,
+torchvision and this package's sam3-free modules, as a serving process would; ``eager``
+builds the model with upstream ``sam3``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["JOBS", "main", "peak_rss_bytes", "rss_bytes"]
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far (Linux ``ru_maxrss`` is in KiB)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak) * (1 if sys.platform == "darwin" else 1024)
+
+
+def rss_bytes() -> int:
+    """Current resident set size (``/proc/self/statm``; falls back to the peak)."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return peak_rss_bytes()
+
+
+def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    start = time.perf_counter()
+    value = fn()
+    return value, time.perf_counter() - start
+
+
+def job_matmul_peak(spec: dict[str, Any]) -> dict[str, Any]:
+    """GFLOP/s of one ``n x n @ n x n`` matmul per dtype: ``runs`` timed after one warm-up."""
+    n, runs = int(spec["n"]), int(spec["runs"])
+    out: dict[str, Any] = {"n": n, "threads": torch.get_num_threads()}
+    for name in spec["dtypes"]:
+        dtype = getattr(torch, name)
+        a = torch.randn(n, n).to(dtype)
+        b = torch.randn(n, n).to(dtype)
+        torch.mm(a, b)
+        times = []
+        for _ in range(runs):
+            _, seconds = _timed(lambda a=a, b=b: torch.mm(a, b))
+            times.append(seconds)
+        out[name] = {"seconds": times, "gflops": [2 * n**3 / t / 1e9 for t in times]}
+    return out
+
+
+def _build(spec: dict[str, Any]) -> torch.nn.Module:
+    from .builders import build_model
+
+    return build_model(spec["size"], seed=int(spec.get("seed", 0)))
+
+
+def job_export(spec: dict[str, Any]) -> dict[str, Any]:
+    """Build, export (non-strict, audited) and save; stage times and peak RSS after each."""
+    from .artifact import save_pipeline
+    from .export import audit_dynamic_shapes, export_full_pipeline
+    from .pipeline import FullSam3PipelineWrapper
+
+    autocast = {"none": None, "bf16": torch.bfloat16}[spec.get("autocast", "none")]
+    out: dict[str, Any] = {}
+    model, out["build_s"] = _timed(lambda: _build(spec))
+    out["peak_rss_after_build"] = peak_rss_bytes()
+    ep, out["export_s"] = _timed(lambda: export_full_pipeline(model, autocast_dtype=autocast, audit=False))
+    out["peak_rss_after_export"] = peak_rss_bytes()
+    report, out["audit_s"] = _timed(lambda: audit_dynamic_shapes(ep))
+    out["audit"] = report.summary()
+    wrapper = FullSam3PipelineWrapper(model, autocast_dtype=autocast)
+    metadata = {
+        "model": {"size": spec["size"], "random_weights": True, "seed": int(spec.get("seed", 0))},
+        "image_size": wrapper.image_size,
+        "context_length": wrapper.context_length,
+        "autocast_dtype": None if autocast is None else spec["autocast"],
+        "exported_by": "sam3-exportable bench",
+    }
+    manifest, out["save_s"] = _timed(lambda: save_pipeline(ep, spec["out"], metadata=metadata, force=True))
+    out["size_bytes"] = manifest["size_bytes"]
+    out["nodes"] = len(ep.graph.nodes)
+    out["peak_rss"] = peak_rss_bytes()
+    return out
+
+
+def job_aoti_compile(spec: dict[str, Any]) -> dict[str, Any]:
+    """Load a saved ``.pt2`` and compile it into an AOTInductor package."""
+    from .aoti import compile_aoti
+    from .artifact import load_pipeline
+
+    loaded, load_s = _timed(lambda: load_pipeline(spec["pt2"]))
+    manifest = compile_aoti(
+        loaded.program,
+        spec["out"],
+        source_manifest=loaded.manifest,
+        inductor_configs=spec.get("inductor_configs"),
+        force=True,
+    )
+    return {
+        "load_s": load_s,
+        "compile_s": manifest["compile_seconds"],
+        "size_bytes": manifest["size_bytes"],
+        "inductor_configs": manifest["inductor_configs"],
+        "peak_rss": peak_rss_bytes(),
+    }
+
+
+def _read_file(path: str, chunk: int = 1 << 24) -> int:
+    total = 0
+    with open(path, "rb", buffering=0) as fh:
+        while block := fh.read(chunk):
+            total += len(block)
+    return total
+
+
+def job_load(spec: dict[str, Any]) -> dict[str, Any]:
+    """Fresh-process load of an artifact (``how``: ``pt2`` through ``load_pipeline``,
+    ``pt2-torch`` through ``torch.export.load``, ``aoti``, or ``read``: read every byte).
+
+    Only the call is timed; import times are measured separately by the parent.
+    """
+    import torchvision  # noqa: F401
+
+    how, path = spec["how"], spec["path"]
+    if how == "read":
+        _, seconds = _timed(lambda: _read_file(path))
+    elif how == "pt2":
+        from .artifact import load_pipeline
+
+        _, seconds = _timed(lambda: load_pipeline(path))
+    elif how == "pt2-torch":
+        _, seconds = _timed(lambda: torch.export.load(path))
+    elif how == "aoti":
+        from .aoti import load_aoti
+
+        _, seconds = _timed(lambda: load_aoti(path))
+    else:
+        raise ValueError(f"load job: expected how in pt2, pt2-torch, aoti, read; got {how!r}")
+    return {"seconds": seconds, "peak_rss": peak_rss_bytes()}
+
+
+def _runner(spec: dict[str, Any]) -> tuple[Callable[..., Any], int, int, float]:
+    """(callable, image size, context length, load seconds) for the job's variant."""
+    variant = spec["variant"]
+    start = time.perf_counter()
+    if variant == "eager":
+        from .patch_set import exportable_sam3
+        from .pipeline import FullSam3PipelineWrapper
+
+        wrapper = FullSam3PipelineWrapper(_build(spec)).eval()
+
+        def run_eager(images: torch.Tensor, tokens: torch.Tensor) -> Any:
+            with exportable_sam3():
+                return wrapper(images, tokens)
+
+        return run_eager, wrapper.image_size, wrapper.context_length, time.perf_counter() - start
+    if variant in ("exported", "bf16"):
+        from .artifact import load_pipeline
+
+        loaded = load_pipeline(spec["path"])
+        module = loaded.module()
+    elif variant == "aoti":
+        from .aoti import load_aoti
+
+        loaded = load_aoti(spec["path"])  # type: ignore[assignment]
+        module = loaded.module()
+    else:
+        raise ValueError(f"latency job: expected variant eager, exported, aoti or bf16; got {variant!r}")
+    manifest = loaded.manifest
+    return module, int(manifest["image_size"]), int(manifest["context_length"]), time.perf_counter() - start
+
+
+def job_latency(spec: dict[str, Any]) -> dict[str, Any]:
+    """``warmup`` untimed then ``runs`` timed forwards at (B, P), under inference mode.
+
+    With ``count_flops`` the first warm-up runs under ``torch.utils.flop_counter``. With
+    ``save_outputs`` the last outputs are written there (``torch.save``) for parity checks.
+    """
+    import torchvision  # noqa: F401
+
+    from .pipeline import synthetic_inputs
+
+    batch, prompts = (int(v) for v in spec["shape"])
+    module, image_size, context_length, load_s = _runner(spec)
+    rss_loaded = rss_bytes()
+    inputs = synthetic_inputs(image_size, context_length, batch, prompts, seed=int(spec.get("input_seed", 1)))
+    out: dict[str, Any] = {"load_s": load_s, "rss_after_load": rss_loaded}
+    outputs: Any = None
+    with torch.inference_mode():
+        for i in range(int(spec["warmup"])):
+            if i == 0 and spec.get("count_flops"):
+                from torch.utils.flop_counter import FlopCounterMode
+
+                counter = FlopCounterMode(display=False)
+                with counter:
+                    outputs, seconds = _timed(lambda: module(*inputs))
+                out["flops"] = int(counter.get_total_flops())
+            else:
+                outputs, seconds = _timed(lambda: module(*inputs))
+            out.setdefault("warmup_s", []).append(seconds)
+        times = []
+        for _ in range(int(spec["runs"])):
+            outputs, seconds = _timed(lambda: module(*inputs))
+            times.append(seconds)
+    out["seconds"] = times
+    out["peak_rss"] = peak_rss_bytes()
+    if spec.get("save_outputs") and outputs is not None:
+        torch.save(tuple(t.detach().float().clone() for t in outputs), spec["save_outputs"])
+    return out
+
+
+def job_profile(spec: dict[str, Any]) -> dict[str, Any]:
+    """One forward of an artifact at (B, P) under ``torch.profiler``: the top ops by self
+    CPU time (where the time goes when a speed target is missed)."""
+    import torchvision  # noqa: F401
+    from torch.profiler import ProfilerActivity, profile
+
+    from .artifact import load_pipeline
+    from .pipeline import synthetic_inputs
+
+    loaded = load_pipeline(spec["path"])
+    module = loaded.module()
+    batch, prompts = (int(v) for v in spec["shape"])
+    inputs = synthetic_inputs(
+        int(loaded.manifest["image_size"]), int(loaded.manifest["context_length"]), batch, prompts, seed=1
+    )
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        _, seconds = _timed(lambda: module(*inputs))
+    averages = prof.key_averages()
+    total_us = sum(e.self_cpu_time_total for e in averages) or 1
+    top = sorted(averages, key=lambda e: e.self_cpu_time_total, reverse=True)[: int(spec.get("top", 20))]
+    return {
+        "seconds": seconds,
+        "top_ops_by_self_cpu": [
+            {
+                "op": e.key,
+                "self_cpu_s": e.self_cpu_time_total / 1e6,
+                "share": e.self_cpu_time_total / total_us,
+                "calls": e.count,
+            }
+            for e in top
+        ],
+    }
+
+
+def job_profile_load(spec: dict[str, Any]) -> dict[str, Any]:
+    """``load_pipeline`` under cProfile: the functions with the largest cumulative time."""
+    import cProfile
+    import io
+    import pstats
+
+    import torchvision  # noqa: F401
+
+    from .artifact import load_pipeline
+
+    prof = cProfile.Profile()
+    start = time.perf_counter()
+    prof.enable()
+    load_pipeline(spec["path"])
+    prof.disable()
+    seconds = time.perf_counter() - start
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(int(spec.get("top", 30)))
+    lines = [ln for ln in text.getvalue().splitlines() if ln.strip()]
+    return {"seconds_under_profiler": seconds, "cprofile_top_cumulative": lines}
+
+
+JOBS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    "matmul_peak": job_matmul_peak,
+    "export": job_export,
+    "aoti_compile": job_aoti_compile,
+    "load": job_load,
+    "latency": job_latency,
+    "profile": job_profile,
+    "profile_load": job_profile_load,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import logging
+    import warnings
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2:
+        print("usage: python -m sam3_exportable.bench_worker SPEC.json RESULT.json", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.ERROR)
+    warnings.filterwarnings("ignore")
+    spec = json.loads(Path(args[0]).read_text())
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
+    job = JOBS[spec["job"]]
+    result = job(spec)
+    result.setdefault("threads", torch.get_num_threads())
+    result["python"] = platform.python_version()
+    Path(args[1]).write_text(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""AOTInductor packages: ``export --aoti`` on the tiny model, parity bounds, Predictor."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import eager
+from PIL import Image
+
+import sam3_exportable as s3e
+from sam3_exportable import cli
+from sam3_exportable.aoti import AOTI_FORMAT, LoadedAotiPackage, aoti_path_for, load_aoti
+from sam3_exportable.bench import compare_parity
+from sam3_exportable.export import example_inputs
+from sam3_exportable.predict import Predictor, load_artifact
+
+# Measured on torch 2.14.1 CPU (tiny): 1.0e-7 / 0 / 2.4e-6 / 3.6e-7. Inductor fuses and
+# reorders float ops, so the package is close to, not bitwise equal to, the .pt2.
+BOUNDS = {"pred_logits": 1e-5, "pred_boxes": 1e-5, "pred_masks": 1e-4, "presence_logit_dec": 1e-5}
+
+
+@pytest.fixture(scope="module")
+def exported_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, int]:
+    """The tiny model exported with ``--aoti --verify 1,2`` by the CLI (one compile)."""
+    out = tmp_path_factory.mktemp("aoti") / "tiny.pt2"
+    status = cli.main(
+        ["export", "--size", "tiny", "--random-weights", "--out", str(out), "--aoti", "--verify", "1,2"]
+    )
+    return out, aoti_path_for(out), status
+
+
+def test_aoti_path_naming() -> None:
+    assert aoti_path_for("build/sam3.pt2") == Path("build/sam3.aoti.pt2")
+    assert aoti_path_for("model") == Path("model.aoti.pt2")
+
+
+def test_export_aoti_writes_package_and_manifest(exported_pair: tuple[Path, Path, int]) -> None:
+    pt2, package, status = exported_pair
+    assert status == 0, "export --aoti --verify reported a mismatch"
+    manifest = json.loads(Path(f"{package}.json").read_text())
+    source = json.loads(Path(f"{pt2}.json").read_text())
+    assert manifest["format"] == AOTI_FORMAT
+    assert manifest["source"] == {"artifact": pt2.name, "sha256": source["sha256"]}
+    for key in ("image_size", "context_length", "tokenizer", "patches", "audit", "model"):
+        assert manifest[key] == source[key], key
+    assert manifest["compile_seconds"] > 0 and manifest["inductor_configs"] == {"freezing": True}
+    assert manifest["inputs"][0]["shape"][0] == manifest["audit"]["symbols"]["batch"]
+
+
+def test_aoti_parity_at_unseen_shapes_within_bounds(
+    exported_pair: tuple[Path, Path, int], tiny_wrapper: s3e.FullSam3PipelineWrapper
+) -> None:
+    _, package, _ = exported_pair
+    module = load_aoti(package).module()
+    for b, p in [(1, 1), (3, 2), (1, 5)]:
+        inputs = example_inputs(tiny_wrapper, b, p, seed=7)
+        with torch.no_grad():
+            expected = eager(tiny_wrapper, *inputs)
+        got = module(*inputs)
+        parity = compare_parity(expected, got)
+        for name, bound in BOUNDS.items():
+            assert parity["max_abs_diff"][name] <= bound, (b, p, name, parity["max_abs_diff"][name])
+        for label in ("kept_at_0.5", "kept_at_top10"):
+            assert parity[label]["identical"], (b, p, label)
+        assert parity["kept_at_top10"]["kept"] == 10 * b * p
+
+
+def test_aoti_manifest_and_hash_are_checked(exported_pair: tuple[Path, Path, int], tmp_path: Path) -> None:
+    pt2, package, _ = exported_pair
+    with pytest.raises(s3e.ArtifactError, match="expected format 'sam3-exportable/aoti'"):
+        load_aoti(pt2)  # a .pt2 program, not a package
+    copy = tmp_path / "copy.aoti.pt2"
+    copy.write_bytes(package.read_bytes() + b"\0")
+    Path(f"{copy}.json").write_text(Path(f"{package}.json").read_text())
+    with pytest.raises(s3e.ArtifactError, match="sha256 mismatch"):
+        load_aoti(copy)
+
+
+def test_export_aoti_refuses_to_overwrite_before_building(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "new.pt2"
+    Path(f"{aoti_path_for(out)}").write_bytes(b"keep me")
+    status = cli.main(["export", "--size", "tiny", "--random-weights", "--out", str(out), "--aoti"])
+    assert status == 2
+    assert "new.aoti.pt2: exists; pass --force" in capsys.readouterr().err
+    assert aoti_path_for(out).read_bytes() == b"keep me" and not out.exists()
+
+
+def test_predictor_runs_the_package_like_the_program(exported_pair: tuple[Path, Path, int]) -> None:
+    pt2, package, _ = exported_pair
+    loaded = load_artifact(package)
+    assert isinstance(loaded, LoadedAotiPackage)
+    assert isinstance(load_artifact(pt2), s3e.artifact.LoadedPipeline)
+    by_package, by_program = Predictor(package), Predictor(pt2)
+    assert by_package.program is None and by_package.image_size == by_program.image_size
+    images = [Image.new("RGB", (300, 200), (200, 30, 30)), Image.new("RGB", (120, 260), (20, 90, 220))]
+    phrases = ["a red square", "a blue thing"]
+    ours = by_package.run(images, phrases)
+    reference = by_program.run(images, phrases)
+    parity = compare_parity(reference, ours)
+    assert parity["kept_at_top10"]["identical"] and parity["kept_at_top10"]["kept"] == 40
+    results = by_package.predict(images, phrases, threshold=0.0)
+    assert [len(row) for row in results] == [2, 2]
+    assert results[1][0].masks.shape[-2:] == (260, 120)

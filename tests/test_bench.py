@@ -1,0 +1,174 @@
+"""The bench tool: its helpers, and the schema (not the numbers) of a quick tiny run."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from sam3_exportable import cli
+from sam3_exportable.bench import (
+    SCHEMA,
+    compare_parity,
+    kept_instances,
+    linear_fit,
+    plan_for,
+    run_bench,
+    stat,
+)
+
+# -- helpers ------------------------------------------------------------------------------
+
+
+def test_stat_reports_min_median_max() -> None:
+    s = stat([3.0, 1.0, 2.0, 10.0])
+    assert (s["n"], s["min"], s["median"], s["max"]) == (4, 1.0, 2.5, 10.0)
+    with pytest.raises(ValueError, match="at least one"):
+        stat([])
+
+
+def test_linear_fit_recovers_slope_and_needs_two_points() -> None:
+    fit = linear_fit([1, 2, 4, 8], [5 + 2 * x for x in (1, 2, 4, 8)])
+    assert fit is not None
+    assert math.isclose(fit["slope"], 2.0) and math.isclose(fit["intercept"], 5.0)
+    assert linear_fit([1, 1], [2, 3]) is None
+
+
+def _outputs(logit_rows: list[list[float]], presence: list[float]) -> tuple[torch.Tensor, ...]:
+    logits = torch.tensor(logit_rows).unsqueeze(-1)
+    n, q = logits.shape[:2]
+    masks = torch.randn(n, q, 4, 4, generator=torch.Generator().manual_seed(0))
+    return logits, torch.zeros(n, q, 4), masks, torch.tensor(presence).unsqueeze(-1)
+
+
+def test_kept_instances_follow_upstreams_rule() -> None:
+    # score = sigmoid(logit) * sigmoid(presence); presence 10 -> ~1
+    out = _outputs([[5.0, -5.0, 0.5]], [10.0])
+    assert kept_instances(out, 0.5) == [[0, 2]]
+    out = _outputs([[5.0, -5.0, 0.5]], [-10.0])  # absent concept: nothing kept
+    assert kept_instances(out, 0.5) == [[]]
+
+
+def test_compare_parity_detects_a_flipped_instance_and_mask_pixels() -> None:
+    ref = _outputs([[3.0, 2.0, 1.0, -1.0, -2.0, 0.5]], [10.0])
+    same = compare_parity(ref, ref, top_k=2)
+    assert all(same["bitwise"].values()) and same["kept_at_top2"]["identical"]
+    assert same["kept_at_top2"]["kept"] == 2
+    flipped_logits = ref[0].clone()
+    flipped_logits[0, 3] = 4.0  # a new instance above both thresholds
+    other = (flipped_logits, ref[1], ref[2], ref[3])
+    res = compare_parity(ref, other, top_k=2)
+    assert not res["bitwise"]["pred_logits"] and res["max_abs_diff"]["pred_logits"] == pytest.approx(5.0)
+    assert not res["kept_at_0.5"]["identical"] and not res["kept_at_top2"]["identical"]
+    masks = ref[2].clone()
+    masks[0, 0] = -masks[0, 0]  # the top instance's mask flips sign everywhere
+    res = compare_parity(ref, (ref[0], ref[1], masks, ref[3]), top_k=2)
+    assert res["kept_at_top2"]["identical"] and res["kept_at_top2"]["mask_pixels_differing"] == 16
+
+
+def test_plans_and_bad_sizes() -> None:
+    quick = plan_for("tiny", quick=True)
+    assert "aoti" not in quick.variants and not quick.aoti
+    full = plan_for("full")
+    assert full.variants == ["eager", "exported", "aoti", "bf16"]
+    assert full.shapes == [(1, 1), (2, 3), (1, 8)] and full.warmup >= 1 and full.runs >= 3
+    assert 32 in full.scaling_prompts
+    with pytest.raises(ValueError, match="'tiny' or 'full'"):
+        plan_for("huge")
+    with pytest.raises(ValueError, match="--quick"):
+        plan_for("full", quick=True)
+
+
+# -- a quick tiny run ---------------------------------------------------------------------
+
+_STAT_KEYS = {"n", "min", "median", "max", "values"}
+
+
+def _is_stat(value: Any) -> bool:
+    return (
+        isinstance(value, dict)
+        and _STAT_KEYS <= set(value)
+        and value["n"] == len(value["values"]) >= 1
+        and value["min"] <= value["median"] <= value["max"]
+    )
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
+    out = tmp_path_factory.mktemp("bench") / "bench"
+    status = cli.main(["bench", "--size", "tiny", "--quick", "--out", str(out)])
+    return out, status
+
+
+def test_quick_bench_writes_results_and_plots(quick_run: tuple[Path, int]) -> None:
+    out, status = quick_run
+    assert status == 0
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["schema"] == SCHEMA and doc["schema_version"] == 1
+    assert doc["size"] == "tiny" and doc["quick"] is True
+    for key in ("torch", "sam3", "torchvision", "python"):
+        assert doc["versions"][key]
+    assert doc["machine"]["cpu_count"] >= 1 and doc["machine"]["torch_threads"] >= 1
+    assert not [k for k, v in doc["jobs"].items() if isinstance(v, dict) and "error" in v]
+
+    assert set(doc["matmul_peak_gflops"]) == {"fp32", "bf16"}
+    assert all(_is_stat(v) for v in doc["matmul_peak_gflops"].values())
+    for kind in ("fp32", "bf16"):
+        export = doc["export"][kind]
+        for key in ("build_s", "export_s", "save_s", "peak_rss_gib"):
+            assert _is_stat(export[key]), key
+        assert export["size_mib"] > 0 and "[1, inf]" in export["audit"]
+    assert doc["aoti"] == {"skipped": "--quick"}
+    for key in ("import_torch_s", "import_torchvision_s"):
+        assert _is_stat(doc["load"][key])
+    for how in ("read", "pt2", "pt2_torch"):
+        assert _is_stat(doc["load"][how]["seconds"]) and _is_stat(doc["load"][how]["peak_rss_gib"])
+
+    rows = {(r["variant"], r["B"], r["P"]): r for r in doc["latency"]}
+    assert set(rows) == {
+        (v, b, p) for v in ("eager", "exported", "bf16") for b, p in [(1, 1), (2, 3), (1, 8)]
+    }
+    for (variant, _, _), row in rows.items():
+        assert _is_stat(row["seconds"]) and _is_stat(row["peak_rss_gib"])
+        assert row["load_s"] > 0 and row["ratio_to_eager"] > 0
+        assert row["flops"] > 0 and row["achieved_gflops"] > 0
+        assert row["matmul_peak_used"] == ("bf16" if variant == "bf16" else "fp32")
+
+    parity = doc["parity"]
+    assert parity["exported_vs_eager"]["bitwise"] == dict.fromkeys(
+        ("pred_logits", "pred_boxes", "pred_masks", "presence_logit_dec"), True
+    )
+    bf16 = parity["bf16_vs_fp32_eager"]
+    assert set(bf16["max_abs_diff"]) == set(bf16["bitwise"])
+    assert isinstance(bf16["kept_at_0.5"]["identical"], bool)
+
+    scaling = doc["scaling"]
+    assert [pt["P"] for pt in scaling["prompts_at_B1"]] == [1, 2, 4, 8]
+    assert [pt["B"] for pt in scaling["batches_at_P1"]] == [1, 2]
+    for key in ("seconds_per_extra_prompt", "gib_per_extra_prompt", "seconds_per_extra_image"):
+        assert isinstance(scaling[key], float)
+
+    names = [t["name"] for t in doc["targets"]]
+    assert len(names) == 8 and all({"target", "measured", "met", "unit"} <= set(t) for t in doc["targets"])
+    assert any("P=32" in n for n in names) and any("load" in n for n in names)
+
+    assert sorted(doc["plots"]) == ["latency_scaling.png", "memory_scaling.png", "variants.png"]
+    for name in doc["plots"]:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_quick_bench_refuses_to_overwrite_and_resumes(quick_run: tuple[Path, int]) -> None:
+    out, _ = quick_run
+    before = json.loads((out / "results.json").read_text())
+    with pytest.raises(FileExistsError, match="--resume"):
+        run_bench(plan_for("tiny", quick=True), out, plots=False)
+    logs: list[str] = []
+    doc = run_bench(plan_for("tiny", quick=True), out, resume=True, plots=False, log=logs.append)
+    assert not [line for line in logs if line.endswith("...")], "a finished job ran again"
+    assert doc["jobs"] == before["jobs"]
+    with pytest.raises(ValueError, match="different plan"):
+        run_bench(plan_for("tiny", quick=False), out, resume=True, plots=False)
