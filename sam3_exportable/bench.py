@@ -75,6 +75,10 @@ class BenchPlan:
     inductor_configs: dict[str, Any]
     profile: bool
     threads: int
+    #: Most seconds the bf16 variant may take per configuration; when its forward is
+    #: predicted slower (bf16 matmul slower than fp32 on this CPU), it runs once, cold, or
+    #: not at all if even one run would exceed this.
+    bf16_cap_s: float = 900.0
     seed: int = 0
 
 
@@ -136,7 +140,7 @@ def plan_for(
         scaling_runs=1,
         scaling_budget_s=600.0 if scaling_budget_s is None else scaling_budget_s,
         load_runs=3,
-        matmul_n=4096,
+        matmul_n=2048,
         matmul_runs=3,
         profile=True,
     )
@@ -226,6 +230,7 @@ def machine_info() -> dict[str, Any]:
         "processor": platform.processor() or None,
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text()
@@ -296,8 +301,9 @@ class BenchRun:
         }
 
     # -- jobs ---------------------------------------------------------------------------
-    def job(self, key: str, spec: dict[str, Any]) -> dict[str, Any]:
-        """Run one worker job in a fresh process, once: a finished key is reused."""
+    def job(self, key: str, spec: dict[str, Any], timeout_s: float | None = None) -> dict[str, Any]:
+        """Run one worker job in a fresh process, once: a finished key is reused. A job still
+        running after ``timeout_s`` is killed and recorded as an error."""
         if key in self.jobs and "error" not in self.jobs[key]:
             self.log(f"[{key}] reused from {self.results_path}")
             return self.jobs[key]
@@ -307,12 +313,18 @@ class BenchRun:
             spec_file, result_file = Path(tmp) / "spec.json", Path(tmp) / "result.json"
             spec_file.write_text(json.dumps(spec))
             start = time.perf_counter()
-            proc = subprocess.run(
-                [sys.executable, "-m", "sam3_exportable.bench_worker", str(spec_file), str(result_file)],
-                capture_output=True,
-                text=True,
-                check=False,
-            )
+            try:
+                proc = subprocess.run(
+                    [sys.executable, "-m", "sam3_exportable.bench_worker", str(spec_file), str(result_file)],
+                    capture_output=True,
+                    text=True,
+                    check=False,
+                    timeout=timeout_s,
+                )
+            except subprocess.TimeoutExpired:
+                proc = subprocess.CompletedProcess(
+                    [], returncode=-9, stdout="", stderr=f"timed out after {timeout_s} s"
+                )
             wall = time.perf_counter() - start
             if proc.returncode != 0 or not result_file.is_file():
                 tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-15:]
@@ -374,19 +386,27 @@ class BenchRun:
             for variant in plan.variants:
                 if variant in ("aoti", "bf16") and (b, p) not in plan.other_shapes:
                     continue
+                warmup, runs = plan.warmup, plan.runs
+                if variant == "bf16" and f"latency/bf16/{b}x{p}" not in self.jobs:
+                    warmup, runs = self._bf16_runs(b, p)
+                    if runs == 0:
+                        continue
                 spec = {
                     "job": "latency",
                     "variant": variant,
                     "path": str(paths[variant]) if paths[variant] else None,
                     "shape": [b, p],
-                    "warmup": plan.warmup,
-                    "runs": plan.runs,
-                    "count_flops": variant == "eager" and plan.warmup > 0,
+                    "warmup": warmup,
+                    "runs": runs,
+                    "count_flops": variant == "eager" and warmup > 0,
                     "save_outputs": str(self.artifact(f"out-{variant}-{b}x{p}.pt"))
                     if (b, p) == (1, 1)
                     else None,
                 }
-                self.job(f"latency/{variant}/{b}x{p}", spec)
+                reduced = variant == "bf16" and (warmup, runs) != (plan.warmup, plan.runs)
+                self.job(
+                    f"latency/{variant}/{b}x{p}", spec, timeout_s=plan.bf16_cap_s + 180 if reduced else None
+                )
         self._scaling(fp32)
         if plan.profile:
             self._profiles(fp32, bf16)
@@ -394,6 +414,37 @@ class BenchRun:
         self.summarize()
         self.save()
         return self.doc
+
+    def _bf16_runs(self, b: int, p: int) -> tuple[int, int]:
+        """(warm-up, timed runs) for bf16 at (b, p): the plan's, unless bf16 matmul is slower
+        than fp32 here (no bf16 instructions) and that many forwards would exceed
+        ``bf16_cap_s``; then one cold run, or none (recorded in ``bf16_skipped``)."""
+        plan = self.plan
+        peaks = self.jobs.get("matmul_peak", {})
+        eager = self.jobs.get(f"latency/eager/{b}x{p}", {})
+        try:
+            slowdown = statistics.median(peaks["float32"]["gflops"]) / statistics.median(
+                peaks["bfloat16"]["gflops"]
+            )
+        except (KeyError, ZeroDivisionError, statistics.StatisticsError):
+            return plan.warmup, plan.runs
+        if slowdown <= 1.0 or not eager.get("seconds"):
+            return plan.warmup, plan.runs
+        predicted = statistics.median(eager["seconds"]) * slowdown
+        note = {
+            "shape": [b, p],
+            "bf16_matmul_slowdown_vs_fp32": slowdown,
+            "predicted_s_per_forward": predicted,
+            "cap_s": plan.bf16_cap_s,
+        }
+        if predicted * (plan.warmup + plan.runs) <= plan.bf16_cap_s:
+            return plan.warmup, plan.runs
+        self.doc.setdefault("bf16_reduced", []).append(note)
+        if predicted <= plan.bf16_cap_s:
+            self.log(f"[latency/bf16/{b}x{p}] one cold run only: predicted {predicted:.0f} s per forward")
+            return 0, 1
+        self.log(f"[latency/bf16/{b}x{p}] skipped: predicted {predicted:.0f} s per forward")
+        return 0, 0
 
     def _import_torch(self) -> None:
         """Import times of torch, then torchvision, each in a bare fresh interpreter."""
@@ -464,7 +515,10 @@ class BenchRun:
     def _profiles(self, fp32: Path, bf16: Path) -> None:
         """Op-level profile of one (1,1) forward per artifact, and a cProfile of the load."""
         self.job("profile/load", {"job": "profile_load", "path": str(fp32)})
+        reduced = bool(self.doc.get("bf16_reduced"))
         for name, path in (("exported", fp32), ("bf16", bf16)):
+            if name == "bf16" and reduced:
+                continue  # its matmul peak already says why; one more slow forward adds nothing
             if name in self.plan.variants:
                 self.job(f"profile/{name}", {"job": "profile", "path": str(path), "shape": [1, 1]})
 

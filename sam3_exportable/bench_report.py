@@ -32,7 +32,8 @@ def markdown_summary(doc: dict[str, Any]) -> str:
         f"# Bench: {doc.get('size')} model{' (quick)' if doc.get('quick') else ''}",
         "",
         f"`{' '.join(doc.get('command', [])) or 'sam3-exportable bench'}`, {doc.get('created')}; "
-        f"{m.get('cpu_model', 'CPU')}, {m.get('cpu_count')} cores, {m.get('torch_threads')} torch threads, "
+        f"{m.get('cpu_model', 'CPU')} (torch CPU capability {m.get('torch_cpu_capability')}), "
+        f"{m.get('cpu_count')} cores, {m.get('torch_threads')} torch threads, "
         f"{m.get('memory_gib')} GiB; torch {v.get('torch')}, sam3 {v.get('sam3')}, "
         f"sam3-exportable {v.get('sam3_exportable')}. Figures: median (min-max) of the runs; "
         f"total wall {doc.get('total_wall_s', 0) / 60:.0f} min.",
@@ -65,6 +66,14 @@ def markdown_summary(doc: dict[str, Any]) -> str:
             f"{_num(r.get('ratio_to_eager'), '.3f')}x | {_s(r['peak_rss_gib'], '.2f')} | "
             f"{_num(r.get('achieved_gflops'), '.0f')} | "
             f"{of_peak} |"
+        )
+    for note in doc.get("bf16_reduced", []):
+        b, p = note["shape"]
+        lines.append(
+            f"\nbf16 at ({b},{p}): bf16 matmul is {note['bf16_matmul_slowdown_vs_fp32']:.1f}x slower "
+            "than fp32 "
+            f"on this CPU, so a forward was predicted at {note['predicted_s_per_forward']:.0f} s; "
+            f"with a {note['cap_s']:.0f} s cap it ran once, cold (or not at all if absent above)."
         )
     peaks = doc.get("matmul_peak_gflops", {})
     n = doc.get("plan", {}).get("matmul_n")
