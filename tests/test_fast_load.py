@@ -240,3 +240,40 @@ def test_type_hints_memo_returns_private_copies() -> None:
     first.clear()
     assert hints(schema.TensorMeta, globalns=ns) == typing.get_type_hints(schema.TensorMeta, globalns=ns)
     assert len(memo.type_hints) == 1
+
+
+def test_load_program_pauses_the_garbage_collector_and_restores_it(
+    tiny_ep: torch.export.ExportedProgram, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gc
+
+    from sam3_exportable import fast_load
+
+    path = tmp_path / "gc.pt2"
+    torch.export.save(tiny_ep, path)
+    seen: list[bool] = []
+    real_load = torch.export.load
+
+    def spy(*args: object, **kwargs: object) -> object:
+        seen.append(gc.isenabled())
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch.export, "load", spy)
+    assert gc.isenabled()
+    fast_load.load_program(path)
+    assert seen == [False] and gc.isenabled()
+
+    def broken(*args: object, **kwargs: object) -> object:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(torch.export, "load", broken)
+    with pytest.raises(RuntimeError, match="boom"):
+        fast_load.load_program(path)
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with fast_load.gc_paused():
+            pass
+        assert not gc.isenabled(), "a collector disabled by the caller was switched on"
+    finally:
+        gc.enable()
