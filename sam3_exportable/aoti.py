@@ -28,6 +28,7 @@ import torch
 from torch.export import ExportedProgram
 
 from .artifact import (
+    _check_digest,
     _io_specs,
     _version_of,
     atomic_write,
@@ -35,7 +36,6 @@ from .artifact import (
     read_manifest,
     sha256_file,
 )
-from .errors import ArtifactError
 
 __all__ = [
     "AOTI_FORMAT",
@@ -172,12 +172,7 @@ def load_aoti(path: str | os.PathLike[str], *, verify_hash: bool = True) -> Load
     target = Path(path)
     manifest = read_manifest(target, expected_format=AOTI_FORMAT)
     if verify_hash:
-        digest = sha256_file(target)
-        if digest != manifest.get("sha256"):
-            raise ArtifactError(
-                f"{target}: sha256 mismatch: the manifest expects {manifest.get('sha256')}, "
-                f"the file has {digest}; the file was changed or belongs to another manifest"
-            )
+        _check_digest(target, manifest, sha256_file(target))
     import torch._inductor
     import torchvision  # noqa: F401  registers torchvision::roi_align for the package's fallback
 

@@ -27,13 +27,12 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .artifact import atomic_write
+from .artifact import _version_of, atomic_write
 
 __all__ = [
     "SCHEMA",
@@ -214,13 +213,6 @@ def compare_parity(
             pixels += int(((reference[2][i, ref_keep] > 0) != (other[2][i, ref_keep] > 0)).sum())
         out[f"kept_at_{label}"] = {"identical": same, "kept": kept, "mask_pixels_differing": pixels}
     return out
-
-
-def _version_of(package: str) -> str | None:
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return None
 
 
 def machine_info() -> dict[str, Any]:
