@@ -17,24 +17,22 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 import os
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch.export import ExportedProgram
 
 from .artifact import (
     _check_digest,
     _io_specs,
-    _version_of,
     atomic_write,
     manifest_path,
     read_manifest,
     sha256_file,
+    versions_record,
+    write_manifest,
 )
 
 __all__ = [
@@ -121,12 +119,7 @@ def compile_aoti(
         "compile_seconds": round(seconds, 3),
         "inductor_configs": configs,
         "source": {"artifact": source.get("artifact"), "sha256": source.get("sha256")},
-        "versions": {
-            "sam3": _version_of("sam3"),
-            "sam3_exportable": _version_of("sam3-exportable"),
-            "torch": torch.__version__,
-            "torchvision": _version_of("torchvision"),
-        },
+        "versions": versions_record(),
         "inputs": inputs,
         "outputs": outputs,
     }
@@ -134,9 +127,7 @@ def compile_aoti(
         manifest["image_size"] = int(inputs[0]["shape"][-1])
     if "context_length" not in manifest:
         manifest["context_length"] = int(inputs[1]["shape"][-1])
-
-    with atomic_write(manifest_file, force=force) as tmp:
-        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    write_manifest(target, manifest, force=force)
     return manifest
 
 
@@ -148,18 +139,9 @@ class LoadedAotiPackage:
     manifest: dict[str, Any]
     path: Path
 
-    def module(self) -> _AotiModule:
-        return _AotiModule(self.runner)
-
-
-class _AotiModule:
-    """Calls the compiled package with ``(images, token_ids)``; returns the four outputs."""
-
-    def __init__(self, runner: Any) -> None:
-        self.runner = runner
-
-    def __call__(self, images: torch.Tensor, token_ids: torch.Tensor) -> Sequence[torch.Tensor]:
-        return self.runner(images, token_ids)
+    def module(self) -> Any:
+        """The compiled callable: ``(images, token_ids) -> [logits, boxes, masks, presence]``."""
+        return self.runner
 
 
 def load_aoti(path: str | os.PathLike[str], *, verify_hash: bool = True) -> LoadedAotiPackage:

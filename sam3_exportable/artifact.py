@@ -90,6 +90,25 @@ def _version_of(package: str) -> str | None:
         return None
 
 
+def versions_record() -> dict[str, str | None]:
+    """Versions of python, torch, torchvision, sam3 and this package, for manifests and results."""
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": _version_of("torchvision"),
+        "sam3": _version_of("sam3"),
+        "sam3_exportable": _version_of("sam3-exportable"),
+    }
+
+
+def write_manifest(
+    artifact: str | os.PathLike[str], manifest: dict[str, Any], *, force: bool = False
+) -> None:
+    """Write ``manifest`` as sorted, indented JSON to ``<artifact>.json``, atomically."""
+    with atomic_write(manifest_path(artifact), force=force) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
 def _tensor_spec(meta_val: Any) -> dict[str, Any]:
     shape = [str(d) if isinstance(d, torch.SymInt) else int(d) for d in meta_val.shape]
     return {"shape": shape, "dtype": str(meta_val.dtype).replace("torch.", "")}
@@ -137,19 +156,12 @@ def save_pipeline(
         "sha256": digest,
         "size_bytes": size,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "versions": {
-            "sam3": _version_of("sam3"),
-            "sam3_exportable": _version_of("sam3-exportable"),
-            "torch": torch.__version__,
-            "torchvision": _version_of("torchvision"),
-            "python": platform.python_version(),
-        },
+        "versions": versions_record(),
         "inputs": inputs,
         "outputs": outputs,
         **(metadata or {}),
     }
-    with atomic_write(manifest_file, force=force) as tmp:
-        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    write_manifest(target, manifest, force=force)
     return manifest
 
 
@@ -165,11 +177,14 @@ class LoadedPipeline:
         return self.program.module()
 
 
-def read_manifest(path: str | os.PathLike[str], *, expected_format: str = FORMAT) -> dict[str, Any]:
+def read_manifest(
+    path: str | os.PathLike[str], *, expected_format: str | tuple[str, ...] = FORMAT
+) -> dict[str, Any]:
     """Read and validate the manifest of the artifact at ``path``; raise ArtifactError.
 
-    ``expected_format`` is :data:`FORMAT` for ``.pt2`` programs (``aoti.AOTI_FORMAT`` for
-    AOTInductor packages)."""
+    ``expected_format`` is :data:`FORMAT` for ``.pt2`` programs, ``aoti.AOTI_FORMAT`` for
+    AOTInductor packages, or a tuple of accepted formats."""
+    accepted = (expected_format,) if isinstance(expected_format, str) else expected_format
     target = Path(path)
     if not target.is_file():
         raise ArtifactError(f"{target}: expected a .pt2 file, found none")
@@ -183,9 +198,10 @@ def read_manifest(path: str | os.PathLike[str], *, expected_format: str = FORMAT
         manifest = json.loads(manifest_file.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ArtifactError(f"{manifest_file}: expected JSON, could not read it: {exc}") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != expected_format:
+    if not isinstance(manifest, dict) or manifest.get("format") not in accepted:
         got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise ArtifactError(f"{manifest_file}: expected format {expected_format!r}, got {got!r}")
+        wanted = " or ".join(repr(f) for f in accepted)
+        raise ArtifactError(f"{manifest_file}: expected format {wanted}, got {got!r}")
     return manifest
 
 

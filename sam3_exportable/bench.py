@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import operator
 import os
 import platform
 import statistics
@@ -32,7 +33,7 @@ from typing import Any
 
 import torch
 
-from .artifact import _version_of, atomic_write
+from .artifact import atomic_write, versions_record
 
 __all__ = [
     "SCHEMA",
@@ -175,10 +176,12 @@ def pair_scores(logits: torch.Tensor, presence: torch.Tensor) -> torch.Tensor:
     return (logits.float().sigmoid() * presence.float().sigmoid().unsqueeze(1)).squeeze(-1)
 
 
-def kept_instances(outputs: Sequence[torch.Tensor], threshold: float) -> list[list[int]]:
-    """Per pair, the query indices whose score exceeds ``threshold`` (upstream's keep rule)."""
+def kept_instances(outputs: Sequence[torch.Tensor], threshold: float | Sequence[float]) -> list[list[int]]:
+    """Per pair, the query indices whose score exceeds the threshold (upstream's keep rule);
+    ``threshold`` is one value for all pairs or one per pair."""
     scores = pair_scores(outputs[0], outputs[3])
-    return [torch.nonzero(row > threshold).flatten().tolist() for row in scores]
+    per_pair = [float(threshold)] * len(scores) if isinstance(threshold, (int, float)) else list(threshold)
+    return [torch.nonzero(row > t).flatten().tolist() for row, t in zip(scores, per_pair, strict=True)]
 
 
 def compare_parity(
@@ -195,18 +198,14 @@ def compare_parity(
         a, b = a.float(), b.float()
         out["max_abs_diff"][name] = float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
         out["bitwise"][name] = bool(torch.equal(a, b))
-    ref_scores = pair_scores(reference[0], reference[3])
-    got_scores = pair_scores(other[0], other[3])
-    top = ref_scores.sort(dim=1, descending=True).values
+    top = pair_scores(reference[0], reference[3]).sort(dim=1, descending=True).values
     k = min(top_k, top.shape[1] - 1)
-    per_pair = ((top[:, k - 1] + top[:, k]) / 2).tolist()
-    checks = {"0.5": [0.5] * ref_scores.shape[0], f"top{k}": per_pair}
+    checks = {"0.5": 0.5, f"top{k}": ((top[:, k - 1] + top[:, k]) / 2).tolist()}
     for label, thresholds in checks.items():
+        ref_kept, got_kept = kept_instances(reference, thresholds), kept_instances(other, thresholds)
         same, pixels, kept = True, 0, 0
-        for i, t in enumerate(thresholds):
-            ref_keep = torch.nonzero(ref_scores[i] > t).flatten()
-            got_keep = torch.nonzero(got_scores[i] > t).flatten()
-            if not torch.equal(ref_keep, got_keep):
+        for i, (ref_keep, got_keep) in enumerate(zip(ref_kept, got_kept, strict=True)):
+            if ref_keep != got_keep:
                 same = False
                 continue
             kept += len(ref_keep)
@@ -244,16 +243,6 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
-def versions() -> dict[str, Any]:
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torchvision": _version_of("torchvision"),
-        "sam3": _version_of("sam3"),
-        "sam3_exportable": _version_of("sam3-exportable"),
-    }
-
-
 class BenchRun:
     """Runs the jobs of a :class:`BenchPlan` and keeps ``results.json`` current."""
 
@@ -287,7 +276,7 @@ class BenchRun:
             "size": plan.size,
             "quick": plan.quick,
             "machine": machine_info(),
-            "versions": versions(),
+            "versions": versions_record(),
             "plan": _jsonable(dataclasses.asdict(plan)),
             "jobs": self.jobs,
         }
@@ -657,62 +646,68 @@ class BenchRun:
         }
 
     def _targets(self) -> list[dict[str, Any]]:
+        """The issue's speed targets, each with its measured value (None: not measured)."""
         rows = {(r["variant"], r["B"], r["P"]): r for r in self.doc["latency"] if "seconds" in r}
-        targets: list[dict[str, Any]] = []
 
-        def add(name: str, target: str, measured: float | None, met: bool | None, unit: str = "") -> None:
-            targets.append({"name": name, "target": target, "measured": measured, "unit": unit, "met": met})
+        def field(variant: str, b: int, p: int, key: str) -> float | None:
+            return rows.get((variant, b, p), {}).get(key)
 
-        for b, p in self.plan.shapes:
-            r = rows.get(("exported", b, p))
-            ratio = r.get("ratio_to_eager") if r else None
-            add(
+        aoti = self.doc.get("aoti", {})
+        load = self.doc["load"].get("pt2")
+        p32 = next((pt for pt in self.doc["scaling"]["prompts_at_B1"] if pt["P"] == 32), None)
+        # (name, comparison, bound as written in the issue, measured value, unit)
+        specs: list[tuple[str, str, str, float | None, str]] = [
+            (
                 f"exported latency / eager at ({b},{p})",
-                "<= 1.00",
-                ratio,
-                None if ratio is None else ratio <= 1.0,
+                "<=",
+                "1.00",
+                field("exported", b, p, "ratio_to_eager"),
                 "x",
             )
-        r = rows.get(("bf16", 1, 1))
-        speed = r.get("speedup_vs_eager") if r else None
-        add(
-            "bf16 .pt2 speed-up over fp32 eager at (1,1)",
-            ">= 1.8",
-            speed,
-            None if speed is None else speed >= 1.8,
-            "x",
-        )
-        r = rows.get(("aoti", 1, 1))
-        speed = r.get("speedup_vs_eager") if r else None
-        add(
-            "AOTInductor speed-up over eager at (1,1)",
-            ">= 1.1",
-            speed,
-            None if speed is None else speed >= 1.1,
-            "x",
-        )
-        aoti = self.doc.get("aoti", {})
-        compile_s = aoti["compile_s"]["median"] if "compile_s" in aoti else None
-        add(
-            "AOTInductor compile time",
-            "< 360",
-            compile_s,
-            None if compile_s is None else compile_s < 360,
-            "s",
-        )
-        load = self.doc["load"].get("pt2")
-        load_s = load["seconds"]["median"] if load else None
-        add(
-            "fresh-process load of the .pt2 (load_pipeline)",
-            "<= 10",
-            load_s,
-            None if load_s is None else load_s <= 10,
-            "s",
-        )
-        p32 = next((pt for pt in self.doc["scaling"]["prompts_at_B1"] if pt["P"] == 32), None)
-        rss = p32["peak_rss_gib"]["max"] if p32 else None
-        add("peak RSS at B=1, P=32", "<= 16", rss, None if rss is None else rss <= 16, "GiB")
-        return targets
+            for b, p in self.plan.shapes
+        ]
+        specs += [
+            (
+                "bf16 .pt2 speed-up over fp32 eager at (1,1)",
+                ">=",
+                "1.8",
+                field("bf16", 1, 1, "speedup_vs_eager"),
+                "x",
+            ),
+            (
+                "AOTInductor speed-up over eager at (1,1)",
+                ">=",
+                "1.1",
+                field("aoti", 1, 1, "speedup_vs_eager"),
+                "x",
+            ),
+            (
+                "AOTInductor compile time",
+                "<",
+                "360",
+                aoti["compile_s"]["median"] if "compile_s" in aoti else None,
+                "s",
+            ),
+            (
+                "fresh-process load of the .pt2 (load_pipeline)",
+                "<=",
+                "10",
+                load and load["seconds"]["median"],
+                "s",
+            ),
+            ("peak RSS at B=1, P=32", "<=", "16", p32 and p32["peak_rss_gib"]["max"], "GiB"),
+        ]
+        compare = {"<=": operator.le, ">=": operator.ge, "<": operator.lt}
+        return [
+            {
+                "name": name,
+                "target": f"{op} {bound}",
+                "measured": measured,
+                "unit": unit,
+                "met": None if measured is None else compare[op](measured, float(bound)),
+            }
+            for name, op, bound, measured, unit in specs
+        ]
 
 
 def _jsonable(value: Any) -> Any:

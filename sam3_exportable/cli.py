@@ -230,7 +230,7 @@ def bench_command(args: argparse.Namespace) -> int:
         work_dir=args.work_dir,
         resume=args.resume,
         force=args.force,
-        command=["sam3-exportable", *sys.argv[1:]],
+        command=["sam3-exportable", *args.argv],
     )
     print(f"\nresults: {Path(args.out) / 'results.json'} ({time.perf_counter() - start:.0f} s)")
     for name in doc.get("plots", []):
@@ -339,7 +339,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     warnings.filterwarnings("ignore", module=r"sam3\..*")
     warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*")
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

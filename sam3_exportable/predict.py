@@ -116,20 +116,11 @@ def load_artifact(path: str | os.PathLike[str]) -> LoadedPipeline | LoadedAotiPa
 
     Raises :class:`ArtifactError` when the manifest is missing or of another format.
     """
-    import json
-
-    from .artifact import manifest_path, read_manifest
+    from .artifact import read_manifest
 
     target = Path(path)
-    try:
-        kind = json.loads(manifest_path(target).read_text()).get("format")
-    except (OSError, ValueError, AttributeError):
-        kind = None
-    if kind == AOTI_FORMAT:
-        return load_aoti(target)
-    if kind != FORMAT:
-        read_manifest(target)  # raises the precise ArtifactError
-    return load_pipeline(target)
+    kind = read_manifest(target, expected_format=(FORMAT, AOTI_FORMAT))["format"]
+    return load_aoti(target) if kind == AOTI_FORMAT else load_pipeline(target)
 
 
 class Predictor:

@@ -106,3 +106,12 @@ def test_predictor_runs_the_package_like_the_program(exported_pair: tuple[Path, 
     results = by_package.predict(images, phrases, threshold=0.0)
     assert [len(row) for row in results] == [2, 2]
     assert results[1][0].masks.shape[-2:] == (260, 120)
+
+
+def test_load_artifact_names_both_accepted_formats(tmp_path: Path) -> None:
+    path = tmp_path / "x.pt2"
+    path.write_bytes(b"not a program")
+    Path(f"{path}.json").write_text(json.dumps({"format": "other"}))
+    wanted = "expected format 'sam3-exportable/pt2' or 'sam3-exportable/aoti', got 'other'"
+    with pytest.raises(s3e.ArtifactError, match=wanted):
+        Predictor(path)

@@ -155,6 +155,12 @@ def test_quick_bench_writes_results_and_plots(quick_run: tuple[Path, int]) -> No
     names = [t["name"] for t in doc["targets"]]
     assert len(names) == 8 and all({"target", "measured", "met", "unit"} <= set(t) for t in doc["targets"])
     assert any("P=32" in n for n in names) and any("load" in n for n in names)
+    compare = {"<=": float.__le__, ">=": float.__ge__, "<": float.__lt__}
+    for t in doc["targets"]:
+        op, bound = t["target"].split()
+        expected = None if t["measured"] is None else compare[op](float(t["measured"]), float(bound))
+        assert t["met"] == expected, t
+    assert doc["command"][:4] == ["sam3-exportable", "bench", "--size", "tiny"]
 
     assert sorted(doc["plots"]) == ["latency_scaling.png", "memory_scaling.png", "variants.png"]
     for name in doc["plots"]:
