@@ -80,10 +80,18 @@ class BenchPlan:
     #: not at all if even one run would exceed this.
     bf16_cap_s: float = 900.0
     seed: int = 0
+    #: malloc policy of every job's process (:func:`sam3_exportable.allocator.apply_malloc_policy`);
+    #: eager at (1,1) also runs once more under ``"default"`` to measure what it changes.
+    malloc: str = "retain"
 
 
 def plan_for(
-    size: str, quick: bool = False, *, scaling_budget_s: float | None = None, all_shapes: bool = False
+    size: str,
+    quick: bool = False,
+    *,
+    scaling_budget_s: float | None = None,
+    all_shapes: bool = False,
+    malloc: str = "retain",
 ) -> BenchPlan:
     """The preset plan for ``size`` (``tiny`` or ``full``).
 
@@ -96,8 +104,16 @@ def plan_for(
     exported ``.pt2``, taken in order of importance (P=32 first: it carries the memory
     target, then B=2 for the per-image cost) while their predicted cost fits
     ``scaling_budget_s`` (default 600 s).
+
+    ``malloc`` is the malloc policy of every job (``retain`` or ``default``, see
+    :mod:`sam3_exportable.allocator`): all variants run under the same one, so ratios compare
+    programs, not allocators.
     """
+    from .allocator import MALLOC_POLICIES
     from .aoti import DEFAULT_INDUCTOR_CONFIGS
+
+    if malloc not in MALLOC_POLICIES:
+        raise ValueError(f"bench malloc: expected one of {list(MALLOC_POLICIES)}, got {malloc!r}")
 
     if size not in ("tiny", "full"):
         raise ValueError(f"bench size: expected 'tiny' or 'full', got {size!r}")
@@ -114,6 +130,7 @@ def plan_for(
         "aoti": not quick,
         "inductor_configs": dict(DEFAULT_INDUCTOR_CONFIGS),
         "threads": threads,
+        "malloc": malloc,
     }
     if size == "tiny":
         return BenchPlan(
@@ -288,7 +305,13 @@ class BenchRun:
         if key in self.jobs and "error" not in self.jobs[key]:
             self.log(f"[{key}] reused from {self.results_path}")
             return self.jobs[key]
-        spec = {"threads": self.plan.threads, "seed": self.plan.seed, "size": self.plan.size, **spec}
+        spec = {
+            "threads": self.plan.threads,
+            "seed": self.plan.seed,
+            "size": self.plan.size,
+            "malloc": self.plan.malloc,
+            **spec,
+        }
         self.log(f"[{key}] ...")
         with tempfile.TemporaryDirectory(dir=self.work_dir) as tmp:
             spec_file, result_file = Path(tmp) / "spec.json", Path(tmp) / "result.json"
@@ -388,6 +411,21 @@ class BenchRun:
                 self.job(
                     f"latency/{variant}/{b}x{p}", spec, timeout_s=plan.bf16_cap_s + 180 if reduced else None
                 )
+        if plan.malloc != "default":
+            # the same eager forward under glibc's default malloc: what the policy changes
+            self.job(
+                "allocator/eager-default/1x1",
+                {
+                    "job": "latency",
+                    "variant": "eager",
+                    "path": None,
+                    "shape": [1, 1],
+                    "warmup": plan.warmup,
+                    "runs": plan.runs,
+                    "malloc": "default",
+                    "save_outputs": str(self.artifact("out-eager-default-malloc-1x1.pt")),
+                },
+            )
         self._scaling(fp32)
         if plan.profile:
             self._profiles(fp32, bf16)
@@ -548,6 +586,7 @@ class BenchRun:
                     "peak_rss_gib": stat([r["peak_rss"] / GIB for r in runs]),
                 }
         doc["latency"] = self._latency_rows()
+        doc["allocator"] = self._allocator()
         doc["parity"] = self._parity()
         doc["scaling"] = self._scaling_summary()
         doc["targets"] = self._targets()
@@ -581,6 +620,8 @@ class BenchRun:
                     "load_s": res["load_s"],
                     "rss_after_load_gib": res["rss_after_load"] / GIB,
                     "peak_rss_gib": stat([res["peak_rss"] / GIB]),
+                    "minor_faults_per_run": res.get("minor_faults_per_run"),
+                    "system_s_per_run": res.get("system_s_per_run"),
                 }
                 if eager.get("seconds"):
                     row["ratio_to_eager"] = median / statistics.median(eager["seconds"])
@@ -595,6 +636,34 @@ class BenchRun:
                         row["matmul_peak_used"] = peak_key
                 rows.append(row)
         return rows
+
+    def _allocator(self) -> dict[str, Any]:
+        """Eager at (1,1) under the plan's malloc policy and under glibc's default."""
+        out: dict[str, Any] = {"policy": self.plan.malloc}
+        for name, key in (
+            ("with_policy", "latency/eager/1x1"),
+            ("with_default", "allocator/eager-default/1x1"),
+        ):
+            res = self.jobs.get(key)
+            if res and res.get("seconds"):
+                out[name] = {
+                    "seconds": stat(res["seconds"]),
+                    "applied": res.get("malloc", {}).get("applied"),
+                    "minor_faults_per_run": res.get("minor_faults_per_run"),
+                    "system_s_per_run": res.get("system_s_per_run"),
+                    "peak_rss_gib": res["peak_rss"] / GIB,
+                }
+        if "with_policy" in out and "with_default" in out:
+            out["speedup"] = (
+                out["with_default"]["seconds"]["median"] / out["with_policy"]["seconds"]["median"]
+            )
+        paths = [self.artifact(f"out-eager{tag}-1x1.pt") for tag in ("", "-default-malloc")]
+        if all(path.is_file() for path in paths):
+            ours, default = (torch.load(path) for path in paths)
+            out["outputs_bitwise_equal"] = len(ours) == len(default) and all(
+                torch.equal(a, b) for a, b in zip(ours, default, strict=True)
+            )
+        return out
 
     def _parity(self) -> dict[str, Any]:
         out: dict[str, Any] = {"shape": [1, 1]}

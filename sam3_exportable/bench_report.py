@@ -25,6 +25,32 @@ def _num(value: Any, fmt: str = ".3g") -> str:
     return "-" if value is None else f"{value:{fmt}}"
 
 
+def _allocator_lines(alloc: dict[str, Any]) -> list[str]:
+    """The malloc-policy paragraph: every job's policy and what it changes for eager (1,1)."""
+    if not alloc:
+        return []
+    lines = [
+        "",
+        f"Every job ran under malloc policy `{alloc.get('policy')}` (`sam3_exportable.allocator`).",
+    ]
+    ours, default = alloc.get("with_policy"), alloc.get("with_default")
+    if isinstance(ours, dict) and isinstance(default, dict):
+
+        def faults(r: dict[str, Any]) -> str:
+            return (
+                f"{_num(r.get('minor_faults_per_run'), ',.0f')} page faults, "
+                f"{_num(r.get('system_s_per_run'), '.1f')} s kernel time"
+            )
+
+        lines[-1] += (
+            f" Eager at (1,1): {_s(ours['seconds'], '.2f')} s ({faults(ours)} per run) against "
+            f"{_s(default['seconds'], '.2f')} s ({faults(default)}) under glibc's default, "
+            f"{_num(alloc.get('speedup'), '.3f')}x; outputs bitwise equal: "
+            f"{alloc.get('outputs_bitwise_equal', 'not compared')}."
+        )
+    return lines
+
+
 def markdown_summary(doc: dict[str, Any]) -> str:
     """Render ``doc`` (a bench results dict after summarising) as Markdown."""
     m, v = doc.get("machine", {}), doc.get("versions", {})
@@ -82,6 +108,9 @@ def markdown_summary(doc: dict[str, Any]) -> str:
         f"Matmul peak ({n}x{n}x{n}, GFLOP/s): fp32 {_s(peaks.get('fp32'), '.0f')}, "
         f"bf16 {_s(peaks.get('bf16'), '.0f')}. FLOPs per forward are counted by "
         "`torch.utils.flop_counter` on the eager warm-up run.",
+    ]
+    lines += _allocator_lines(doc.get("allocator", {}))
+    lines += [
         "",
         "## Build, save and load",
         "",

@@ -237,10 +237,16 @@ def job_latency(spec: dict[str, Any]) -> dict[str, Any]:
                 outputs, seconds = _timed(lambda: module(*inputs))
             out.setdefault("warmup_s", []).append(seconds)
         times = []
+        before = resource.getrusage(resource.RUSAGE_SELF)
         for _ in range(int(spec["runs"])):
             outputs, seconds = _timed(lambda: module(*inputs))
             times.append(seconds)
+        after = resource.getrusage(resource.RUSAGE_SELF)
     out["seconds"] = times
+    if times:
+        # kernel work the timed runs caused: first-touch page faults of fresh allocations
+        out["minor_faults_per_run"] = (after.ru_minflt - before.ru_minflt) / len(times)
+        out["system_s_per_run"] = (after.ru_stime - before.ru_stime) / len(times)
     out["peak_rss"] = peak_rss_bytes()
     if spec.get("save_outputs") and outputs is not None:
         torch.save(tuple(t.detach().float().clone() for t in outputs), spec["save_outputs"])
@@ -325,11 +331,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.ERROR)
     warnings.filterwarnings("ignore")
     spec = json.loads(Path(args[0]).read_text())
+    from .allocator import apply_malloc_policy
+
+    malloc = apply_malloc_policy(spec.get("malloc", "default"))
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
     job = JOBS[spec["job"]]
     result = job(spec)
     result.setdefault("threads", torch.get_num_threads())
+    result["malloc"] = malloc
     result["python"] = platform.python_version()
     Path(args[1]).write_text(json.dumps(result))
     return 0

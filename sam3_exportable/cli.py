@@ -222,7 +222,13 @@ def predict_command(args: argparse.Namespace) -> int:
 def bench_command(args: argparse.Namespace) -> int:
     from .bench import plan_for, run_bench
 
-    plan = plan_for(args.size, args.quick, scaling_budget_s=args.scaling_budget, all_shapes=args.all_shapes)
+    plan = plan_for(
+        args.size,
+        args.quick,
+        scaling_budget_s=args.scaling_budget,
+        all_shapes=args.all_shapes,
+        malloc=args.malloc,
+    )
     start = time.perf_counter()
     doc = run_bench(
         plan,
@@ -259,6 +265,18 @@ def doctor_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_malloc_argument(parser: argparse.ArgumentParser, what: str = "of this process") -> None:
+    from .allocator import MALLOC_POLICIES
+
+    parser.add_argument(
+        "--malloc",
+        choices=MALLOC_POLICIES,
+        default="retain",
+        help=f"malloc policy {what}: 'retain' reuses freed memory instead of page-faulting "
+        "it in again each forward (about 10%% faster on CPU, same numbers; glibc only)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sam3-exportable",
@@ -286,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     exp.add_argument("--force", action="store_true", help="overwrite an existing --out")
     exp.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    _add_malloc_argument(exp)
     exp.set_defaults(func=export_command)
 
     pred = sub.add_parser("predict", help="segment images by text prompts with a .pt2")
@@ -295,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--threshold", type=float, default=0.5)
     pred.add_argument("--out", required=True, help="output directory")
     pred.add_argument("--force", action="store_true", help="replace an existing --out")
+    _add_malloc_argument(pred)
     pred.set_defaults(func=predict_command)
 
     bench = sub.add_parser("bench", help="measure export, load, latency, memory and FLOP/s")
@@ -310,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--resume", action="store_true", help="continue OUT/results.json")
     bench.add_argument("--force", action="store_true", help="start over, replacing OUT/results.json")
+    _add_malloc_argument(bench, "of every job's process; eager at (1,1) also runs under 'default'")
     bench.set_defaults(func=bench_command)
 
     doc = sub.add_parser("doctor", help="report each patch for the installed torch and sam3")
@@ -342,6 +363,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
+    if getattr(args, "malloc", None) and args.func is not bench_command:
+        from .allocator import apply_malloc_policy
+
+        apply_malloc_policy(args.malloc)  # bench applies it in each job's own process
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

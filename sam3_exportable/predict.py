@@ -134,11 +134,7 @@ class Predictor:
 
     def __init__(
         self,
-        source: str
-        | os.PathLike[str]
-        | LoadedPipeline
-        | LoadedAotiPackage
-        | torch.export.ExportedProgram,
+        source: str | os.PathLike[str] | LoadedPipeline | LoadedAotiPackage | torch.export.ExportedProgram,
     ) -> None:
         if isinstance(source, (str, os.PathLike)):
             source = load_artifact(source)

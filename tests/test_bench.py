@@ -81,6 +81,10 @@ def test_plans_and_bad_sizes() -> None:
         plan_for("huge")
     with pytest.raises(ValueError, match="--quick"):
         plan_for("full", quick=True)
+    assert full.malloc == quick.malloc == "retain"
+    assert plan_for("tiny", quick=True, malloc="default").malloc == "default"
+    with pytest.raises(ValueError, match=r"malloc: expected one of \['retain', 'default'\], got 'jemalloc'"):
+        plan_for("tiny", malloc="jemalloc")
 
 
 # -- a quick tiny run ---------------------------------------------------------------------
@@ -137,6 +141,22 @@ def test_quick_bench_writes_results_and_plots(quick_run: tuple[Path, int]) -> No
         assert row["load_s"] > 0 and row["ratio_to_eager"] > 0
         assert row["flops"] > 0 and row["achieved_gflops"] > 0
         assert row["matmul_peak_used"] == ("bf16" if variant == "bf16" else "fp32")
+
+    # every job ran under the plan's malloc policy, except the allocator baseline
+    assert doc["plan"]["malloc"] == "retain"
+    for key, job in doc["jobs"].items():
+        if isinstance(job, dict) and "malloc" in job:
+            expected = "default" if key == "allocator/eager-default/1x1" else "retain"
+            assert job["malloc"]["policy"] == expected, key
+    assert "allocator/eager-default/1x1" in doc["jobs"]
+    alloc = doc["allocator"]
+    assert alloc["policy"] == "retain" and alloc["speedup"] > 0
+    for which, applied in (("with_policy", True), ("with_default", False)):
+        assert alloc[which]["applied"] is applied and _is_stat(alloc[which]["seconds"])
+        assert alloc[which]["minor_faults_per_run"] >= 0 and alloc[which]["system_s_per_run"] >= 0
+    assert alloc["outputs_bitwise_equal"] is True
+    for row in doc["latency"]:
+        assert row["minor_faults_per_run"] >= 0, row
 
     parity = doc["parity"]
     assert parity["exported_vs_eager"]["bitwise"] == dict.fromkeys(
