@@ -13,17 +13,18 @@ with the process until it exits, which is what a model server or a batch job wan
 
 The policy is process-wide and cannot be undone for memory already in use, so nothing in
 this library applies it on import or on load: call :func:`apply_malloc_policy` once at the
-start of the process (the ``predict`` and ``bench`` commands do, ``--malloc default`` to
-opt out). It changes no numerics. It needs glibc (Linux); elsewhere it is reported as not
-applied and nothing changes. PyTorch's CPU tuning guide recommends an allocator that
-reuses memory (jemalloc, tcmalloc) for the same reason; this one needs no extra library.
+start of the process. The ``export``, ``predict`` and ``bench`` commands do (``--malloc
+default`` opts out; ``bench`` applies it in each job's own process). It changes no
+numerics. It needs glibc's malloc (Linux); on another libc, or with another allocator
+preloaded (jemalloc, tcmalloc: PyTorch's CPU tuning guide recommends those for the same
+reason), it is reported as not applied and nothing changes.
 """
 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
+import os
 import platform
 from collections.abc import Callable
 from typing import Any
@@ -36,37 +37,49 @@ _log = logging.getLogger(__name__)
 MALLOC_POLICIES = ("retain", "default")
 
 # mallopt parameter numbers from glibc's <malloc.h>
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_MAX = -4
-_TRIM_MAX = 2**31 - 1  # mallopt takes a C int
+_SETTINGS = (("M_MMAP_MAX", -4, 0), ("M_TRIM_THRESHOLD", -1, 2**31 - 1))  # values are C ints
 
 _applied: dict[str, Any] = {"policy": "default", "applied": False, "reason": "not requested"}
 
 
-def _glibc_mallopt() -> Callable[[int, int], int] | None:
-    """glibc's ``mallopt``, or None when this process does not run on glibc."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return None
+def _address(func: Any) -> int | None:
+    return ctypes.cast(func, ctypes.c_void_p).value
+
+
+def _mallopt() -> tuple[Callable[[int, int], int] | None, str]:
+    """glibc's ``mallopt`` when this process allocates with glibc's malloc, else (None, why)."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        version = os.confstr("CS_GNU_LIBC_VERSION")
+    except (AttributeError, ValueError, OSError):
+        version = None
+    if not version:
+        return None, f"retain needs glibc; this process runs on {platform.system()} without it"
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        process = ctypes.CDLL(None)
         mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return None
+        interposed = _address(process.malloc) != _address(libc.malloc)
+    except (OSError, AttributeError) as exc:
+        return None, f"retain needs glibc's mallopt; it could not be loaded ({exc})"
+    if interposed:
+        return None, "malloc in this process is not glibc's (an allocator preloaded with LD_PRELOAD?)"
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
-    return mallopt  # type: ignore[no-any-return]
+    return mallopt, version
 
 
 def apply_malloc_policy(policy: str = "retain") -> dict[str, Any]:
     """Apply ``policy`` to this process's malloc and return what happened.
 
     ``"retain"``: serve every block from the heap and keep freed memory for reuse (see the
-    module docstring). ``"default"``: change nothing (glibc's defaults stay, or whatever an
-    earlier call set: a process cannot go back once memory was retained).
+    module docstring). ``"default"``: change nothing (glibc's settings stay as the process
+    started, or as an earlier call left them: a process cannot go back once memory was
+    retained, and the earlier record is then kept).
 
-    Returns ``{"policy", "applied", "reason"}``: ``applied`` is True only when glibc
-    accepted every setting; ``reason`` says why not otherwise. The same record is what
-    :func:`current_malloc_policy` returns afterwards.
+    Returns ``{"policy", "applied", "reason"}``, plus ``"settings"`` (each ``mallopt``
+    setting and whether glibc accepted it) once settings were tried. ``applied`` is True only
+    when glibc accepted every setting; ``reason`` says why not otherwise. The same record is
+    what :func:`current_malloc_policy` returns afterwards.
 
     Raises:
         ValueError: ``policy`` is not one of :data:`MALLOC_POLICIES`.
@@ -75,29 +88,26 @@ def apply_malloc_policy(policy: str = "retain") -> dict[str, Any]:
     if policy not in MALLOC_POLICIES:
         raise ValueError(f"malloc policy: expected one of {list(MALLOC_POLICIES)}, got {policy!r}")
     if policy == "default":
-        if not _applied["applied"]:
+        if not any(_applied.get("settings", {}).values()):
             _applied = {"policy": "default", "applied": False, "reason": "requested"}
         return dict(_applied)
-    mallopt = _glibc_mallopt()
+    mallopt, detail = _mallopt()
     if mallopt is None:
-        record = {
-            "policy": "default",
-            "applied": False,
-            "reason": f"retain needs glibc; this process runs on {platform.system()} "
-            f"{'/'.join(v for v in platform.libc_ver() if v) or 'without glibc'}",
-        }
-        _log.info("malloc policy 'retain' not applied: %s", record["reason"])
+        record: dict[str, Any] = {"policy": "default", "applied": False, "reason": detail}
+        _log.info("malloc policy 'retain' not applied: %s", detail)
     else:
-        ok = mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, _TRIM_MAX) == 1
+        settings = {name: mallopt(param, value) == 1 for name, param, value in _SETTINGS}
+        refused = [name for name, ok in settings.items() if not ok]
         record = {
-            "policy": "retain" if ok else "default",
-            "applied": ok,
-            "reason": "glibc mallopt M_MMAP_MAX=0, M_TRIM_THRESHOLD=2**31-1"
-            if ok
-            else "glibc mallopt refused a setting",
+            "policy": "retain" if any(settings.values()) else "default",
+            "applied": not refused,
+            "reason": f"{detail}: mallopt M_MMAP_MAX=0, M_TRIM_THRESHOLD=2**31-1"
+            if not refused
+            else f"{detail}: mallopt refused {', '.join(refused)}",
+            "settings": settings,
         }
-        if not ok:
-            _log.warning("malloc policy 'retain' not applied: %s", record["reason"])
+        if refused:
+            _log.warning("malloc policy 'retain' not fully applied: %s", record["reason"])
     _applied = record
     return dict(record)
 

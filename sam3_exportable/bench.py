@@ -46,7 +46,7 @@ __all__ = [
 ]
 
 SCHEMA = "sam3-exportable/bench"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: plan.malloc, the allocator section, faults per latency row
 GIB = float(1 << 30)
 VARIANTS = ("eager", "exported", "aoti", "bf16")
 
@@ -252,6 +252,12 @@ def machine_info() -> dict[str, Any]:
         info["cpu_flags"] = sorted(f for f in flags if f.startswith(("avx512", "amx", "avx2", "fma")))
     except OSError:
         pass
+    # malloc tuning from the environment applies to every job, under any --malloc policy
+    info["malloc_env"] = {
+        k: v
+        for k, v in sorted(os.environ.items())
+        if k.startswith("MALLOC_") or k in ("GLIBC_TUNABLES", "LD_PRELOAD")
+    }
     try:
         meminfo = Path("/proc/meminfo").read_text().split()
         info["memory_gib"] = round(int(meminfo[meminfo.index("MemTotal:") + 1]) / 2**20, 2)
@@ -278,9 +284,13 @@ class BenchRun:
         previous: dict[str, Any] = {}
         if resume and self.results_path.is_file():
             previous = json.loads(self.results_path.read_text())
-            if previous.get("plan") != _jsonable(dataclasses.asdict(plan)):
+            wanted = _jsonable(dataclasses.asdict(plan))
+            if previous.get("plan") != wanted:
+                old = previous.get("plan") or {}
+                differ = sorted(k for k in set(old) | set(wanted) if old.get(k) != wanted.get(k))
                 raise ValueError(
-                    f"--resume: {self.results_path} was written by a different plan; "
+                    f"--resume: {self.results_path} was written by a different plan "
+                    f"(differs in {', '.join(differ)}); "
                     "rerun without --resume (and with --force) to start over"
                 )
         self.jobs: dict[str, Any] = previous.get("jobs", {})
@@ -411,8 +421,11 @@ class BenchRun:
                 self.job(
                     f"latency/{variant}/{b}x{p}", spec, timeout_s=plan.bf16_cap_s + 180 if reduced else None
                 )
-        if plan.malloc != "default":
-            # the same eager forward under glibc's default malloc: what the policy changes
+        applied = self.jobs.get("matmul_peak", {}).get("malloc", {}).get("applied")
+        if plan.malloc != "default" and not applied:
+            self.log(f"[allocator] policy {plan.malloc!r} was not applied in the jobs: no baseline run")
+        elif plan.malloc != "default":
+            # the same eager forward with malloc's settings unchanged: what the policy changes
             self.job(
                 "allocator/eager-default/1x1",
                 {
@@ -638,8 +651,18 @@ class BenchRun:
         return rows
 
     def _allocator(self) -> dict[str, Any]:
-        """Eager at (1,1) under the plan's malloc policy and under glibc's default."""
-        out: dict[str, Any] = {"policy": self.plan.malloc}
+        """Whether the plan's malloc policy held in every job, and eager at (1,1) under it and
+        with malloc's settings unchanged (``--malloc default``)."""
+        records = [
+            job["malloc"]
+            for key, job in self.jobs.items()
+            if isinstance(job, dict) and "malloc" in job and not key.startswith("allocator/")
+        ]
+        out: dict[str, Any] = {
+            "policy": self.plan.malloc,
+            "applied_in_every_job": bool(records) and all(r["applied"] for r in records),
+            "reasons": sorted({r["reason"] for r in records}),
+        }
         for name, key in (
             ("with_policy", "latency/eager/1x1"),
             ("with_default", "allocator/eager-default/1x1"),
@@ -658,7 +681,7 @@ class BenchRun:
                 out["with_default"]["seconds"]["median"] / out["with_policy"]["seconds"]["median"]
             )
         paths = [self.artifact(f"out-eager{tag}-1x1.pt") for tag in ("", "-default-malloc")]
-        if all(path.is_file() for path in paths):
+        if "with_policy" in out and "with_default" in out and all(path.is_file() for path in paths):
             ours, default = (torch.load(path) for path in paths)
             out["outputs_bitwise_equal"] = len(ours) == len(default) and all(
                 torch.equal(a, b) for a, b in zip(ours, default, strict=True)

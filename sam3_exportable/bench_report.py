@@ -29,9 +29,17 @@ def _allocator_lines(alloc: dict[str, Any]) -> list[str]:
     """The malloc-policy paragraph: every job's policy and what it changes for eager (1,1)."""
     if not alloc:
         return []
+    applied = alloc.get("applied_in_every_job")
+    if alloc.get("policy") == "default":
+        status = "malloc's settings left unchanged."
+    elif applied:
+        status = "applied in every job."
+    else:
+        status = f"not applied in every job ({'; '.join(alloc.get('reasons', []))})."
+
     lines = [
         "",
-        f"Every job ran under malloc policy `{alloc.get('policy')}` (`sam3_exportable.allocator`).",
+        f"Malloc policy of every job: `{alloc.get('policy')}` (`sam3_exportable.allocator`), {status}",
     ]
     ours, default = alloc.get("with_policy"), alloc.get("with_default")
     if isinstance(ours, dict) and isinstance(default, dict):
@@ -43,10 +51,11 @@ def _allocator_lines(alloc: dict[str, Any]) -> list[str]:
             )
 
         lines[-1] += (
-            f" Eager at (1,1): {_s(ours['seconds'], '.2f')} s ({faults(ours)} per run) against "
-            f"{_s(default['seconds'], '.2f')} s ({faults(default)}) under glibc's default, "
-            f"{_num(alloc.get('speedup'), '.3f')}x; outputs bitwise equal: "
-            f"{alloc.get('outputs_bitwise_equal', 'not compared')}."
+            f" Eager at (1,1): {_s(ours['seconds'], '.2f')} s ({faults(ours)} per run, peak RSS "
+            f"{_num(ours.get('peak_rss_gib'), '.2f')} GiB) against {_s(default['seconds'], '.2f')} s "
+            f"({faults(default)}, peak RSS {_num(default.get('peak_rss_gib'), '.2f')} GiB) with "
+            f"malloc's settings unchanged, {_num(alloc.get('speedup'), '.3f')}x; outputs bitwise "
+            f"equal: {alloc.get('outputs_bitwise_equal', 'not compared')}."
         )
     return lines
 

@@ -333,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = json.loads(Path(args[0]).read_text())
     from .allocator import apply_malloc_policy
 
+    # the bench always names the policy; a hand-written spec without one changes nothing
     malloc = apply_malloc_policy(spec.get("malloc", "default"))
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))

@@ -273,7 +273,7 @@ def _add_malloc_argument(parser: argparse.ArgumentParser, what: str = "of this p
         choices=MALLOC_POLICIES,
         default="retain",
         help=f"malloc policy {what}: 'retain' reuses freed memory instead of page-faulting "
-        "it in again each forward (about 10%% faster on CPU, same numbers; glibc only)",
+        "it in again each forward (same numbers; glibc only; see README)",
     )
 
 

@@ -18,6 +18,17 @@ warnings.filterwarnings("ignore", message=r".*CUDA is not available.*")
 torch.set_num_threads(2)
 
 
+@pytest.fixture(autouse=True)
+def _malloc_policy_untouched():
+    """The malloc policy is process-wide: tests that run commands in this process pass
+    ``--malloc default``, so that no test changes malloc for the tests after it."""
+    from sam3_exportable.allocator import current_malloc_policy
+
+    yield
+    record = current_malloc_policy()
+    assert not any(record.get("settings", {}).values()), f"a test changed this process's malloc: {record}"
+
+
 @pytest.fixture(scope="session")
 def tiny_model() -> torch.nn.Module:
     return s3e.build_model("tiny", seed=0)

@@ -27,7 +27,19 @@ def exported_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path,
     """The tiny model exported with ``--aoti --verify 1,2`` by the CLI (one compile)."""
     out = tmp_path_factory.mktemp("aoti") / "tiny.pt2"
     status = cli.main(
-        ["export", "--size", "tiny", "--random-weights", "--out", str(out), "--aoti", "--verify", "1,2"]
+        [
+            "export",
+            "--size",
+            "tiny",
+            "--random-weights",
+            "--out",
+            str(out),
+            "--aoti",
+            "--verify",
+            "1,2",
+            "--malloc",
+            "default",
+        ]
     )
     return out, aoti_path_for(out), status
 
@@ -84,7 +96,9 @@ def test_export_aoti_refuses_to_overwrite_before_building(
 ) -> None:
     out = tmp_path / "new.pt2"
     Path(f"{aoti_path_for(out)}").write_bytes(b"keep me")
-    status = cli.main(["export", "--size", "tiny", "--random-weights", "--out", str(out), "--aoti"])
+    status = cli.main(
+        ["export", "--size", "tiny", "--random-weights", "--out", str(out), "--aoti", "--malloc", "default"]
+    )
     assert status == 2
     assert "new.aoti.pt2: exists; pass --force" in capsys.readouterr().err
     assert aoti_path_for(out).read_bytes() == b"keep me" and not out.exists()

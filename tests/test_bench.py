@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,13 @@ def test_plans_and_bad_sizes() -> None:
 _STAT_KEYS = {"n", "min", "median", "max", "values"}
 
 
+def _on_glibc() -> bool:
+    try:
+        return bool(os.confstr("CS_GNU_LIBC_VERSION"))
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
 def _is_stat(value: Any) -> bool:
     return (
         isinstance(value, dict)
@@ -112,7 +120,7 @@ def test_quick_bench_writes_results_and_plots(quick_run: tuple[Path, int]) -> No
     out, status = quick_run
     assert status == 0
     doc = json.loads((out / "results.json").read_text())
-    assert doc["schema"] == SCHEMA and doc["schema_version"] == 1
+    assert doc["schema"] == SCHEMA and doc["schema_version"] == 2
     assert doc["size"] == "tiny" and doc["quick"] is True
     for key in ("torch", "sam3", "torchvision", "python"):
         assert doc["versions"][key]
@@ -141,22 +149,6 @@ def test_quick_bench_writes_results_and_plots(quick_run: tuple[Path, int]) -> No
         assert row["load_s"] > 0 and row["ratio_to_eager"] > 0
         assert row["flops"] > 0 and row["achieved_gflops"] > 0
         assert row["matmul_peak_used"] == ("bf16" if variant == "bf16" else "fp32")
-
-    # every job ran under the plan's malloc policy, except the allocator baseline
-    assert doc["plan"]["malloc"] == "retain"
-    for key, job in doc["jobs"].items():
-        if isinstance(job, dict) and "malloc" in job:
-            expected = "default" if key == "allocator/eager-default/1x1" else "retain"
-            assert job["malloc"]["policy"] == expected, key
-    assert "allocator/eager-default/1x1" in doc["jobs"]
-    alloc = doc["allocator"]
-    assert alloc["policy"] == "retain" and alloc["speedup"] > 0
-    for which, applied in (("with_policy", True), ("with_default", False)):
-        assert alloc[which]["applied"] is applied and _is_stat(alloc[which]["seconds"])
-        assert alloc[which]["minor_faults_per_run"] >= 0 and alloc[which]["system_s_per_run"] >= 0
-    assert alloc["outputs_bitwise_equal"] is True
-    for row in doc["latency"]:
-        assert row["minor_faults_per_run"] >= 0, row
 
     parity = doc["parity"]
     assert parity["exported_vs_eager"]["bitwise"] == dict.fromkeys(
@@ -187,6 +179,33 @@ def test_quick_bench_writes_results_and_plots(quick_run: tuple[Path, int]) -> No
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_quick_bench_records_the_malloc_policy(quick_run: tuple[Path, int]) -> None:
+    out, _ = quick_run
+    doc = json.loads((out / "results.json").read_text())
+    # every worker job ran under the plan's malloc policy, except the allocator baseline
+    assert doc["plan"]["malloc"] == "retain" and "malloc_env" in doc["machine"]
+    worker_jobs = {k: v for k, v in doc["jobs"].items() if isinstance(v, dict) and k != "imports"}
+    if not _on_glibc():  # retain is not applied anywhere, and no baseline runs
+        assert doc["allocator"]["applied_in_every_job"] is False
+        assert "allocator/eager-default/1x1" not in worker_jobs
+        return
+    for key, job in worker_jobs.items():
+        assert job["malloc"]["applied"] is (key != "allocator/eager-default/1x1"), key
+    alloc = doc["allocator"]
+    assert alloc["policy"] == "retain" and alloc["applied_in_every_job"] is True and alloc["speedup"] > 0
+    for which, applied in (("with_policy", True), ("with_default", False)):
+        assert alloc[which]["applied"] is applied and _is_stat(alloc[which]["seconds"])
+        assert alloc[which]["minor_faults_per_run"] >= 0 and alloc[which]["system_s_per_run"] >= 0
+    assert alloc["outputs_bitwise_equal"] is True
+    for row in doc["latency"]:
+        assert row["minor_faults_per_run"] >= 0, row
+    summary = (out / "summary.md").read_text()
+    assert (
+        "Malloc policy of every job: `retain` (`sam3_exportable.allocator`), applied in every job." in summary
+    )
+    assert "with malloc's settings unchanged" in summary and "outputs bitwise equal: True" in summary
+
+
 def test_quick_bench_refuses_to_overwrite_and_resumes(quick_run: tuple[Path, int]) -> None:
     out, _ = quick_run
     before = json.loads((out / "results.json").read_text())
@@ -198,3 +217,5 @@ def test_quick_bench_refuses_to_overwrite_and_resumes(quick_run: tuple[Path, int
     assert doc["jobs"] == before["jobs"]
     with pytest.raises(ValueError, match="different plan"):
         run_bench(plan_for("tiny", quick=False), out, resume=True, plots=False)
+    with pytest.raises(ValueError, match=r"different plan \(differs in malloc\)"):
+        run_bench(plan_for("tiny", quick=True, malloc="default"), out, resume=True, plots=False)

@@ -129,6 +129,7 @@ def image_files(images, tmp_path_factory) -> list[Path]:
 
 def _predict_args(artifact: Path, images: list[Path], out: Path, phrases=PHRASES, *extra: str) -> list[str]:
     args = ["predict", "--model", str(artifact), "--out", str(out), "--threshold", str(THRESHOLD)]
+    args += ["--malloc", "default"]  # keep this test process's malloc as it is
     for image in images:
         args += ["--image", str(image)]
     for phrase in phrases:
