@@ -307,6 +307,12 @@ class BenchRun:
             "plan": _jsonable(dataclasses.asdict(plan)),
             "jobs": self.jobs,
         }
+        if previous:
+            # what the first run decided and spent stays; each resume is recorded after it
+            for key in ("command", "started", "total_wall_s", "bf16_reduced"):
+                if key in previous:
+                    self.doc[key] = previous[key]
+            self.doc["resumed_by"] = [*previous.get("resumed_by", []), list(command)]
 
     # -- jobs ---------------------------------------------------------------------------
     def job(self, key: str, spec: dict[str, Any], timeout_s: float | None = None) -> dict[str, Any]:
@@ -363,7 +369,9 @@ class BenchRun:
 
     def run(self) -> dict[str, Any]:
         plan = self.plan
-        self.doc["started"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        self.doc.setdefault(
+            "started", datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        )
         start = time.perf_counter()
         self.job(
             "matmul_peak",

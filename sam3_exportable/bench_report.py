@@ -71,7 +71,9 @@ def markdown_summary(doc: dict[str, Any]) -> str:
         f"{m.get('cpu_count')} cores, {m.get('torch_threads')} torch threads, "
         f"{m.get('memory_gib')} GiB; torch {v.get('torch')}, sam3 {v.get('sam3')}, "
         f"sam3-exportable {v.get('sam3_exportable')}. Figures: median (min-max) of the runs; "
-        f"total wall {doc.get('total_wall_s', 0) / 60:.0f} min.",
+        f"total wall {doc.get('total_wall_s', 0) / 60:.0f} min"
+        + "".join(f"; resumed by `{' '.join(c)}`" for c in doc.get("resumed_by", []))
+        + ".",
         "",
         "## Targets",
         "",

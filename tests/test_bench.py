@@ -219,3 +219,28 @@ def test_quick_bench_refuses_to_overwrite_and_resumes(quick_run: tuple[Path, int
         run_bench(plan_for("tiny", quick=False), out, resume=True, plots=False)
     with pytest.raises(ValueError, match=r"different plan \(differs in malloc\)"):
         run_bench(plan_for("tiny", quick=True, malloc="default"), out, resume=True, plots=False)
+
+
+def test_resume_keeps_the_bf16_decision_of_the_first_run(tmp_path: Path) -> None:
+    from sam3_exportable.bench import BenchRun
+    from sam3_exportable.bench_report import markdown_summary
+
+    plan = plan_for("tiny", quick=True)
+    note = {
+        "shape": [1, 1],
+        "predicted_s_per_forward": 300.0,
+        "cap_s": 900.0,
+        "bf16_matmul_slowdown_vs_fp32": 8.5,
+    }
+    first = BenchRun(plan, tmp_path, tmp_path / "work", command=["sam3-exportable", "bench"])
+    first.doc.update(bf16_reduced=[note], total_wall_s=3600.0, started="2026-01-01T00:00:00+00:00")
+    first.save()
+    again = ["sam3-exportable", "bench", "--resume"]
+    resumed = BenchRun(plan, tmp_path, tmp_path / "work", resume=True, command=again)
+    # without it, a resumed run would profile a bf16 forward the first run had ruled out
+    assert resumed.doc["bf16_reduced"] == [note]
+    # the first run's command, start and time stay; the resume is recorded after them
+    assert resumed.doc["command"] == ["sam3-exportable", "bench"] and resumed.doc["resumed_by"] == [again]
+    assert resumed.doc["total_wall_s"] == 3600.0 and resumed.doc["started"].startswith("2026-01-01")
+    assert "resumed by `sam3-exportable bench --resume`" in markdown_summary(resumed.doc)
+    assert "bf16_reduced" not in BenchRun(plan, tmp_path / "new", tmp_path / "work").doc
