@@ -29,7 +29,7 @@ import platform
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["MALLOC_POLICIES", "apply_malloc_policy", "current_malloc_policy"]
+__all__ = ["MALLOC_POLICIES", "apply_malloc_policy", "current_malloc_policy", "glibc_version"]
 
 _log = logging.getLogger(__name__)
 
@@ -46,12 +46,17 @@ def _address(func: Any) -> int | None:
     return ctypes.cast(func, ctypes.c_void_p).value
 
 
+def glibc_version() -> str | None:
+    """The running C library's ``"glibc X.Y"``, or None when this process does not run on glibc."""
+    try:
+        return os.confstr("CS_GNU_LIBC_VERSION") or None
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
 def _mallopt() -> tuple[Callable[[int, int], int] | None, str]:
     """glibc's ``mallopt`` when this process allocates with glibc's malloc, else (None, why)."""
-    try:
-        version = os.confstr("CS_GNU_LIBC_VERSION")
-    except (AttributeError, ValueError, OSError):
-        version = None
+    version = glibc_version()
     if not version:
         return None, f"retain needs glibc; this process runs on {platform.system()} without it"
     try:

@@ -6,7 +6,6 @@ The policy is process-wide, so everything that applies it runs in a child proces
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -16,14 +15,12 @@ import pytest
 import torch
 
 from sam3_exportable import allocator
+from sam3_exportable.allocator import glibc_version
 from sam3_exportable.cli import build_parser
 
 
 def _on_glibc() -> bool:
-    try:
-        return bool(os.confstr("CS_GNU_LIBC_VERSION"))
-    except (AttributeError, ValueError, OSError):
-        return False
+    return glibc_version() is not None
 
 
 glibc_only = pytest.mark.skipif(not _on_glibc(), reason="needs glibc")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +11,7 @@ import pytest
 import torch
 
 from sam3_exportable import cli
+from sam3_exportable.allocator import glibc_version
 from sam3_exportable.bench import (
     SCHEMA,
     compare_parity,
@@ -94,10 +94,7 @@ _STAT_KEYS = {"n", "min", "median", "max", "values"}
 
 
 def _on_glibc() -> bool:
-    try:
-        return bool(os.confstr("CS_GNU_LIBC_VERSION"))
-    except (AttributeError, ValueError, OSError):
-        return False
+    return glibc_version() is not None
 
 
 def _is_stat(value: Any) -> bool:
