@@ -690,10 +690,8 @@ class BenchRun:
             )
         paths = [self.artifact(f"out-eager{tag}-1x1.pt") for tag in ("", "-default-malloc")]
         if "with_policy" in out and "with_default" in out and all(path.is_file() for path in paths):
-            ours, default = (torch.load(path) for path in paths)
-            out["outputs_bitwise_equal"] = len(ours) == len(default) and all(
-                torch.equal(a, b) for a, b in zip(ours, default, strict=True)
-            )
+            bitwise = compare_parity(*(torch.load(path) for path in paths))["bitwise"]
+            out["outputs_bitwise_equal"] = all(bitwise.values())
         return out
 
     def _parity(self) -> dict[str, Any]:
