@@ -48,8 +48,10 @@ __all__ = [
 AOTI_FORMAT = "sam3-exportable/aoti"
 
 #: Inductor options used by ``export --aoti``. ``freezing`` lets inductor treat the weights
-#: as constants (folding and, on CPU, pre-packing them for oneDNN).
-DEFAULT_INDUCTOR_CONFIGS: dict[str, Any] = {"freezing": True}
+#: as constants and fold them; ``cpp.weight_prepack=False`` keeps the linears on ``addmm``
+#: instead of pre-packed MKL GEMMs, which at full size on CPU compiled faster (248 vs 332 s)
+#: and ran faster (39.0 vs 41.2 s at (1,1)); see docs/performance.md.
+DEFAULT_INDUCTOR_CONFIGS: dict[str, Any] = {"freezing": True, "cpp.weight_prepack": False}
 
 # Fields of the source program's manifest that describe the model and its I/O contract.
 _CARRIED = (

@@ -58,7 +58,10 @@ def test_export_aoti_writes_package_and_manifest(exported_pair: tuple[Path, Path
     assert manifest["source"] == {"artifact": pt2.name, "sha256": source["sha256"]}
     for key in ("image_size", "context_length", "tokenizer", "patches", "audit", "model"):
         assert manifest[key] == source[key], key
-    assert manifest["compile_seconds"] > 0 and manifest["inductor_configs"] == {"freezing": True}
+    assert manifest["compile_seconds"] > 0 and manifest["inductor_configs"] == {
+        "freezing": True,
+        "cpp.weight_prepack": False,
+    }
     assert manifest["inputs"][0]["shape"][0] == manifest["audit"]["symbols"]["batch"]
 
 
