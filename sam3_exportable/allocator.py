@@ -6,10 +6,13 @@ a fresh ``mmap`` and returns it with ``munmap`` on free, so every forward touche
 page of them for the first time again: on this project's 2-core reference machine, about
 3.5 million minor page faults and 9 s of kernel time per (1, 2) forward, one tenth of the
 CPU time, for eager and ``.pt2`` alike. The ``retain`` policy tells glibc to serve all
-blocks from its heap (``M_MMAP_MAX = 0``) and not to give the heap's free top back to the
-kernel (``M_TRIM_THRESHOLD`` at its maximum): later forwards reuse the same pages (32
-thousand faults, 0.1 s of kernel time). The price is that memory freed after a peak stays
-with the process until it exits, which is what a model server or a batch job wants anyway.
+blocks from its heap (``M_MMAP_MAX = 0``) and never to give the heap's free top back to
+the kernel (``M_TRIM_THRESHOLD = -1``, which mallopt(3) documents as disabling trimming;
+its largest positive value, 2**31 - 1, still trims whenever more than 2 GiB at the top is
+free, as after every forward that peaks above that): later forwards reuse the same pages
+(tens of thousands of faults, a fraction of a second of kernel time). The price is that
+memory freed after a peak stays with the process until it exits, which is what a model
+server or a batch job wants anyway.
 
 The policy is process-wide and cannot be undone for memory already in use, so nothing in
 this library applies it on import or on load: call :func:`apply_malloc_policy` once at the
@@ -37,7 +40,8 @@ _log = logging.getLogger(__name__)
 MALLOC_POLICIES = ("retain", "default")
 
 # mallopt parameter numbers from glibc's <malloc.h>
-_SETTINGS = (("M_MMAP_MAX", -4, 0), ("M_TRIM_THRESHOLD", -1, 2**31 - 1))  # values are C ints
+# values are C ints; M_TRIM_THRESHOLD=-1 becomes SIZE_MAX inside glibc: never trim
+_SETTINGS = (("M_MMAP_MAX", -4, 0), ("M_TRIM_THRESHOLD", -1, -1))
 
 _applied: dict[str, Any] = {"policy": "default", "applied": False, "reason": "not requested"}
 
@@ -106,7 +110,7 @@ def apply_malloc_policy(policy: str = "retain") -> dict[str, Any]:
         record = {
             "policy": "retain" if any(settings.values()) else "default",
             "applied": not refused,
-            "reason": f"{detail}: mallopt M_MMAP_MAX=0, M_TRIM_THRESHOLD=2**31-1"
+            "reason": f"{detail}: mallopt M_MMAP_MAX=0, M_TRIM_THRESHOLD=-1"
             if not refused
             else f"{detail}: mallopt refused {', '.join(refused)}",
             "settings": settings,

@@ -72,6 +72,43 @@ def test_retain_reuses_freed_blocks_instead_of_faulting_them_in_again() -> None:
     assert sorted(retain["faults"])[len(retain["faults"]) // 2] < pages // 100, retain
 
 
+_TRIM = """
+    import ctypes, json
+    from sam3_exportable.allocator import apply_malloc_policy
+    class MallInfo2(ctypes.Structure):  # glibc >= 2.33
+        _fields_ = [(name, ctypes.c_size_t) for name in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd",
+            "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc.restype = ctypes.c_void_p
+    libc.malloc.argtypes = [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    libc.mallinfo2.restype = MallInfo2
+    record = apply_malloc_policy("retain")
+    if {old_threshold}:  # what retain set before: the largest positive C int
+        libc.mallopt(-1, 2**31 - 1)
+    size = 5 << 29  # 2.5 GiB from the heap (M_MMAP_MAX=0), never written to
+    block = libc.malloc(size)
+    assert block, "malloc of 2.5 GiB failed"
+    libc.free(block)
+    print(json.dumps({{"record": record, "heap_after_free": libc.mallinfo2().arena}}))
+"""
+
+
+@glibc_only
+def test_retain_never_trims_the_heap_even_after_a_peak_above_2_gib() -> None:
+    # A full-size forward at (1,8) frees more than 2 GiB at once. With M_TRIM_THRESHOLD at
+    # 2**31-1 glibc gave that top back to the kernel and every forward faulted it in again
+    # (0.4 million faults and 2.6 s of kernel time per run in the bench); -1 never trims.
+    size = 5 << 29
+    retain = _child(_TRIM.format(old_threshold=False))
+    assert retain["record"]["applied"] is True
+    assert retain["record"]["reason"].endswith("mallopt M_MMAP_MAX=0, M_TRIM_THRESHOLD=-1")
+    assert retain["heap_after_free"] >= size, retain
+    old = _child(_TRIM.format(old_threshold=True))
+    assert old["heap_after_free"] < size // 4, old  # given back: only the ~0.15 GiB the imports use
+
+
 @glibc_only
 def test_retain_changes_no_output_of_the_tiny_model(tmp_path: Path) -> None:
     script = """
