@@ -89,9 +89,9 @@ _TRIM = """
         libc.mallopt(-1, 2**31 - 1)
     size = 5 << 29  # 2.5 GiB from the heap (M_MMAP_MAX=0), never written to
     block = libc.malloc(size)
-    assert block, "malloc of 2.5 GiB failed"
-    libc.free(block)
-    print(json.dumps({{"record": record, "heap_after_free": libc.mallinfo2().arena}}))
+    if block:
+        libc.free(block)
+    print(json.dumps({{"record": record, "heap_after_free": libc.mallinfo2().arena, "got": bool(block)}}))
 """
 
 
@@ -102,10 +102,13 @@ def test_retain_never_trims_the_heap_even_after_a_peak_above_2_gib() -> None:
     # (0.4 million faults and 2.6 s of kernel time per run in the bench); -1 never trims.
     size = 5 << 29
     retain = _child(_TRIM.format(old_threshold=False))
+    if not retain["got"]:
+        pytest.skip("this host refused 2.5 GiB of address space (strict overcommit?)")
     assert retain["record"]["applied"] is True
     assert retain["record"]["reason"].endswith("mallopt M_MMAP_MAX=0, M_TRIM_THRESHOLD=-1")
     assert retain["heap_after_free"] >= size, retain
     old = _child(_TRIM.format(old_threshold=True))
+    assert old["got"], old
     assert old["heap_after_free"] < size // 4, old  # given back: only the ~0.15 GiB the imports use
 
 
