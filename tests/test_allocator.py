@@ -18,12 +18,7 @@ from sam3_exportable import allocator
 from sam3_exportable.allocator import glibc_version
 from sam3_exportable.cli import build_parser
 
-
-def _on_glibc() -> bool:
-    return glibc_version() is not None
-
-
-glibc_only = pytest.mark.skipif(not _on_glibc(), reason="needs glibc")
+glibc_only = pytest.mark.skipif(glibc_version() is None, reason="needs glibc")
 
 
 def _child(script: str) -> dict:

@@ -93,10 +93,6 @@ def test_plans_and_bad_sizes() -> None:
 _STAT_KEYS = {"n", "min", "median", "max", "values"}
 
 
-def _on_glibc() -> bool:
-    return glibc_version() is not None
-
-
 def _is_stat(value: Any) -> bool:
     return (
         isinstance(value, dict)
@@ -182,7 +178,7 @@ def test_quick_bench_records_the_malloc_policy(quick_run: tuple[Path, int]) -> N
     # every worker job ran under the plan's malloc policy, except the allocator baseline
     assert doc["plan"]["malloc"] == "retain" and "malloc_env" in doc["machine"]
     worker_jobs = {k: v for k, v in doc["jobs"].items() if isinstance(v, dict) and k != "imports"}
-    if not _on_glibc():  # retain is not applied anywhere, and no baseline runs
+    if glibc_version() is None:  # retain is not applied anywhere, and no baseline runs
         assert doc["allocator"]["applied_in_every_job"] is False
         assert "allocator/eager-default/1x1" not in worker_jobs
         return
