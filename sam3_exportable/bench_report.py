@@ -6,11 +6,14 @@ shape, export/load costs, scaling fits, parity, FLOP/s, and the top ops of the p
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 from .pipeline import OUTPUT_NAMES
 
-__all__ = ["markdown_summary"]
+__all__ = ["format_measured", "markdown_summary"]
+
+_COMPARE = {"<=": operator.le, ">=": operator.ge, "<": operator.lt}
 
 
 def _s(stat: dict[str, Any] | None, fmt: str = ".1f") -> str:
@@ -23,6 +26,35 @@ def _s(stat: dict[str, Any] | None, fmt: str = ".1f") -> str:
 
 def _num(value: Any, fmt: str = ".3g") -> str:
     return "-" if value is None else f"{value:{fmt}}"
+
+
+def format_measured(target: dict[str, Any]) -> str:
+    """A target's measured value (a ``doc["targets"]`` entry: ``"target"`` like ``"<= 1.00"``,
+    ``"measured"`` a float or None) in the fewest significant digits, 3 or more, whose printed
+    value lies on the same side of the bound as the value itself and is not the bound unless
+    the value is: 1.004 against ``<= 1.00`` prints as ``1.004``, not as a ``1`` beside "not
+    met". ``"not measured"`` for None.
+
+    Raises:
+        ValueError: ``target["target"]`` is not ``"<op> <number>"`` with op one of <=, >=, <.
+    """
+    value = target["measured"]
+    if value is None:
+        return "not measured"
+    op, _, bound_text = str(target["target"]).partition(" ")
+    if op not in _COMPARE:
+        raise ValueError(
+            f"target {target.get('name')!r}: expected '<op> <bound>' with op in "
+            f"{sorted(_COMPARE)}, got {target['target']!r}"
+        )
+    bound, compare = float(bound_text), _COMPARE[op]
+    text = f"{value:.3g}"
+    for digits in range(3, 18):
+        text = f"{value:.{digits}g}"
+        shown = float(text)
+        if compare(shown, bound) == compare(value, bound) and (shown != bound or value == bound):
+            break
+    return text
 
 
 def _allocator_lines(alloc: dict[str, Any]) -> list[str]:
@@ -83,7 +115,7 @@ def markdown_summary(doc: dict[str, Any]) -> str:
     for t in doc.get("targets", []):
         met = {True: "yes", False: "**no**", None: "not measured"}[t["met"]]
         lines.append(
-            f"| {t['name']} | {t['target']} {t['unit']} | {_num(t['measured'])} {t['unit']} | {met} |"
+            f"| {t['name']} | {t['target']} {t['unit']} | {format_measured(t)} {t['unit']} | {met} |"
         )
     lines += [
         "",

@@ -221,6 +221,7 @@ def predict_command(args: argparse.Namespace) -> int:
 
 def bench_command(args: argparse.Namespace) -> int:
     from .bench import plan_for, run_bench
+    from .bench_report import format_measured
 
     plan = plan_for(
         args.size,
@@ -243,7 +244,7 @@ def bench_command(args: argparse.Namespace) -> int:
         print(f"plot: {Path(args.out) / name}")
     print("\ntargets:")
     for t in doc["targets"]:
-        measured = "not measured" if t["measured"] is None else f"{t['measured']:.3g} {t['unit']}".rstrip()
+        measured = format_measured(t) + ("" if t["measured"] is None else f" {t['unit']}")
         verdict = {True: "met", False: "NOT met", None: "-"}[t["met"]]
         print(f"  {t['name']:50s} {t['target']:>7s}  {measured:>14s}  {verdict}")
     failed = [k for k, v in doc["jobs"].items() if isinstance(v, dict) and "error" in v]

@@ -71,6 +71,25 @@ def test_compare_parity_detects_a_flipped_instance_and_mask_pixels() -> None:
     assert res["kept_at_top2"]["identical"] and res["kept_at_top2"]["mask_pixels_differing"] == 16
 
 
+def test_format_measured_never_prints_a_missed_target_as_its_bound() -> None:
+    from sam3_exportable.bench_report import format_measured
+
+    def shown(target: str, value: float | None) -> str:
+        return format_measured({"name": "t", "target": target, "measured": value})
+
+    assert shown("<= 1.00", 1.0043) == "1.004"  # .3g alone would print "1" beside "not met"
+    assert shown("<= 1.00", 0.9996) == "0.9996"
+    assert shown("<= 1.00", 1.0) == "1"
+    assert shown("<= 1.00", 1.04) == "1.04"
+    assert shown(">= 1.1", 1.0996) == "1.0996"
+    assert shown("< 360", 274.72) == "275"
+    assert shown("< 360", 359.96) == "359.96"
+    assert shown("<= 16", 14.716) == "14.7"
+    assert shown("<= 1.00", None) == "not measured"
+    with pytest.raises(ValueError, match="'about 1'"):
+        shown("about 1", 1.0)
+
+
 def test_plans_and_bad_sizes() -> None:
     quick = plan_for("tiny", quick=True)
     assert "aoti" not in quick.variants and not quick.aoti
