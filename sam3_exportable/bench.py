@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
-import operator
 import os
 import platform
 import statistics
@@ -34,6 +33,7 @@ from typing import Any
 import torch
 
 from .artifact import atomic_write, versions_record
+from .bench_report import TARGET_COMPARISONS
 
 __all__ = [
     "SCHEMA",
@@ -795,14 +795,13 @@ class BenchRun:
             ),
             ("peak RSS at B=1, P=32", "<=", "16", p32 and p32["peak_rss_gib"]["max"], "GiB"),
         ]
-        compare = {"<=": operator.le, ">=": operator.ge, "<": operator.lt}
         return [
             {
                 "name": name,
                 "target": f"{op} {bound}",
                 "measured": measured,
                 "unit": unit,
-                "met": None if measured is None else compare[op](measured, float(bound)),
+                "met": None if measured is None else TARGET_COMPARISONS[op](measured, float(bound)),
             }
             for name, op, bound, measured, unit in specs
         ]

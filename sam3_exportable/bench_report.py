@@ -11,9 +11,10 @@ from typing import Any
 
 from .pipeline import OUTPUT_NAMES
 
-__all__ = ["format_measured", "markdown_summary"]
+__all__ = ["TARGET_COMPARISONS", "format_measured", "markdown_summary"]
 
-_COMPARE = {"<=": operator.le, ">=": operator.ge, "<": operator.lt}
+#: The comparisons a speed target's bound may use ("<op> <bound>" in ``doc["targets"]``).
+TARGET_COMPARISONS = {"<=": operator.le, ">=": operator.ge, "<": operator.lt}
 
 
 def _s(stat: dict[str, Any] | None, fmt: str = ".1f") -> str:
@@ -42,19 +43,18 @@ def format_measured(target: dict[str, Any]) -> str:
     if value is None:
         return "not measured"
     op, _, bound_text = str(target["target"]).partition(" ")
-    if op not in _COMPARE:
+    if op not in TARGET_COMPARISONS:
         raise ValueError(
             f"target {target.get('name')!r}: expected '<op> <bound>' with op in "
-            f"{sorted(_COMPARE)}, got {target['target']!r}"
+            f"{sorted(TARGET_COMPARISONS)}, got {target['target']!r}"
         )
-    bound, compare = float(bound_text), _COMPARE[op]
-    text = f"{value:.3g}"
+    bound, compare = float(bound_text), TARGET_COMPARISONS[op]
     for digits in range(3, 18):
         text = f"{value:.{digits}g}"
         shown = float(text)
         if compare(shown, bound) == compare(value, bound) and (shown != bound or value == bound):
-            break
-    return text
+            return text
+    return repr(value)
 
 
 def _allocator_lines(alloc: dict[str, Any]) -> list[str]:
