@@ -49,9 +49,9 @@ AOTI_FORMAT = "sam3-exportable/aoti"
 
 #: Inductor options used by ``export --aoti``. ``freezing`` lets inductor treat the weights
 #: as constants and fold them; ``cpp.weight_prepack=False`` keeps the linears on ``addmm``
-#: instead of pre-packed MKL GEMMs: at full size on CPU the bench compiled it in 245 s and
-#: ran it in 38.6 s at (1,1), against 332 s and 41.2 s with ``freezing`` alone (two runs;
-#: docs/performance.md).
+#: instead of pre-packed MKL GEMMs: in full-size CPU bench runs it compiled in 245 and 275 s
+#: and ran 1.032x and 1.057x as long as its own program at (1,1), against 332 s and 1.095x
+#: with ``freezing`` alone (docs/performance.md).
 DEFAULT_INDUCTOR_CONFIGS: dict[str, Any] = {"freezing": True, "cpp.weight_prepack": False}
 
 # Fields of the source program's manifest that describe the model and its I/O contract.

@@ -82,7 +82,7 @@ _TRIM = """
     record = apply_malloc_policy("retain")
     if {old_threshold}:  # what retain set before: the largest positive C int
         libc.mallopt(-1, 2**31 - 1)
-    size = 5 << 29  # 2.5 GiB from the heap (M_MMAP_MAX=0), never written to
+    size = {size}  # from the heap (M_MMAP_MAX=0), never written to
     block = libc.malloc(size)
     if block:
         libc.free(block)
@@ -95,14 +95,14 @@ def test_retain_never_trims_the_heap_even_after_a_peak_above_2_gib() -> None:
     # A full-size forward at (1,8) frees more than 2 GiB at once. With M_TRIM_THRESHOLD at
     # 2**31-1 glibc gave that top back to the kernel and every forward faulted it in again
     # (0.4 million faults and 2.6 s of kernel time per run in the bench); -1 never trims.
-    size = 5 << 29
-    retain = _child(_TRIM.format(old_threshold=False))
+    size = 5 << 29  # 2.5 GiB
+    retain = _child(_TRIM.format(old_threshold=False, size=size))
     if not retain["got"]:
         pytest.skip("this host refused 2.5 GiB of address space (strict overcommit?)")
     assert retain["record"]["applied"] is True
     assert retain["record"]["reason"].endswith("mallopt M_MMAP_MAX=0, M_TRIM_THRESHOLD=-1")
     assert retain["heap_after_free"] >= size, retain
-    old = _child(_TRIM.format(old_threshold=True))
+    old = _child(_TRIM.format(old_threshold=True, size=size))
     assert old["got"], old
     assert old["heap_after_free"] < size // 4, old  # given back: only the ~0.15 GiB the imports use
 
