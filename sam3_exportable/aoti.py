@@ -19,9 +19,11 @@ import dataclasses
 import datetime
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch.export import ExportedProgram
 
 from .artifact import (
@@ -42,6 +44,8 @@ __all__ = [
     "aoti_path_for",
     "compile_aoti",
     "load_aoti",
+    "narrowed_parallelism",
+    "size_hints",
 ]
 
 #: Identifies AOTInductor package manifests written by this library.
@@ -51,8 +55,50 @@ AOTI_FORMAT = "sam3-exportable/aoti"
 #: as constants and fold them; ``cpp.weight_prepack=False`` keeps the linears on ``addmm``
 #: instead of pre-packed MKL GEMMs: in full-size CPU bench runs it compiled in 245 and 275 s
 #: and ran 1.032x and 1.057x as long as its own program at (1,1), against 332 s and 1.095x
-#: with ``freezing`` alone (docs/performance.md).
-DEFAULT_INDUCTOR_CONFIGS: dict[str, Any] = {"freezing": True, "cpp.weight_prepack": False}
+#: with ``freezing`` alone. ``layout_optimization=False`` keeps the patch-embedding conv's
+#: output out of channels-last, whose strides inductor carried into the ViT's residual
+#: stream: every fused layer norm then gathered its 1024 channels at a stride of 72, one
+#: float at a time; without it they load contiguous vectors (kernel profile of a full-size
+#: package at (1,1): the trunk's fused layer norms 1.76 s -> 0.45 s; docs/performance.md).
+DEFAULT_INDUCTOR_CONFIGS: dict[str, Any] = {
+    "freezing": True,
+    "cpp.weight_prepack": False,
+    "layout_optimization": False,
+}
+
+#: Names of the program's dynamic input dims, in input order (dim 0 of each input).
+_DYNAMIC_NAMES = ("batch", "num_prompts")
+
+
+def size_hints(ep: ExportedProgram) -> dict[str, int]:
+    """The size hint ``ep`` carries for each dynamic input dim: the size it was traced at
+    (kept by ``torch.export.save``/``load``). Inductor plans the package's loops by these.
+
+    Dims that are not symbolic are left out.
+    """
+    nodes = {n.name: n for n in ep.graph.nodes}
+    hints: dict[str, int] = {}
+    for name, user_input in zip(_DYNAMIC_NAMES, ep.graph_signature.user_inputs, strict=False):
+        size = nodes[user_input].meta["val"].shape[0]
+        if isinstance(size, torch.SymInt) and size.node.hint is not None:
+            hints[name] = int(size.node.hint)
+    return hints
+
+
+def narrowed_parallelism(hints: dict[str, int], threads: int) -> list[str]:
+    """The dims whose hint makes inductor parallelize a loop nest over that dim alone.
+
+    Inductor's C++ backend (``decide_parallel_depth`` in torch 2.14.1) takes outer loops
+    into the parallel region until their product of hints reaches ``threads`` exactly or
+    ``2 * threads``. With a dynamic dim outermost and its hint equal to ``threads`` or at
+    least ``2 * threads``, it stops after that dim: a run at size 1 then does the whole
+    nest on one thread (measured: the ViT's fused layer norms of a full-size package at
+    B=1). Returns the offending dim names (empty with one thread).
+    """
+    if threads <= 1:
+        return []
+    return [name for name, hint in hints.items() if hint == threads or hint >= 2 * threads]
+
 
 # Fields of the source program's manifest that describe the model and its I/O contract.
 _CARRIED = (
@@ -105,6 +151,17 @@ def compile_aoti(
     configs = dict(DEFAULT_INDUCTOR_CONFIGS if inductor_configs is None else inductor_configs)
     source = source_manifest or {}
     inputs, outputs = _io_specs(ep)
+    hints = size_hints(ep)
+    threads = torch.get_num_threads()
+    narrowed = narrowed_parallelism(hints, threads)
+    if narrowed:
+        warnings.warn(
+            f"compile_aoti: the program was traced at {hints}; with {threads} threads inductor "
+            f"will parallelize loops over {narrowed} alone, so runs at size 1 use one thread "
+            f"there. Export with example sizes other than {threads} and below {2 * threads} "
+            f"(export_full_pipeline(example_batch=..., example_prompts=...)).",
+            stacklevel=2,
+        )
     with atomic_write(target, force=force) as tmp:
         start = time.perf_counter()
         torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp), inductor_configs=dict(configs))
@@ -121,6 +178,8 @@ def compile_aoti(
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "compile_seconds": round(seconds, 3),
         "inductor_configs": configs,
+        "size_hints": hints,
+        "compile_threads": threads,
         "source": {"artifact": source.get("artifact"), "sha256": source.get("sha256")},
         "versions": versions_record(),
         "inputs": inputs,

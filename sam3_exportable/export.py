@@ -16,6 +16,8 @@ from .pipeline import FullSam3PipelineWrapper, synthetic_inputs
 
 __all__ = [
     "DYNAMIC_DIMS",
+    "EXAMPLE_BATCH",
+    "EXAMPLE_PROMPTS",
     "AuditReport",
     "audit_dynamic_shapes",
     "example_inputs",
@@ -24,6 +26,15 @@ __all__ = [
 
 #: (input index, dim, name) of every dim that must stay dynamic with range [1, inf).
 DYNAMIC_DIMS: tuple[tuple[int, int, str], ...] = ((0, 0, "batch"), (1, 0, "num_prompts"))
+
+#: Trace sizes of :func:`export_full_pipeline`. Both must be >= 2, or the trace takes
+#: size-1 branches. They are also the size hints the saved program carries, and AOTInductor
+#: plans its C++ loops by them: at a hint of 2 on a 2-thread host inductor parallelizes
+#: batch-outer loops (the ViT's layer norms) over the batch alone, so every B=1 forward ran
+#: them on one core. A hint of 3 (fewer than twice the threads, and not equal to them, for
+#: any thread count but 3) makes it parallelize the next loop too.
+EXAMPLE_BATCH = 3
+EXAMPLE_PROMPTS = 3
 
 # Graph ops that carry runtime constraints on symbols.
 _CONSTRAINT_OPS = {
@@ -138,8 +149,8 @@ def export_full_pipeline(
     *,
     autocast_dtype: torch.dtype | None = None,
     strict: bool = False,
-    example_batch: int = 2,
-    example_prompts: int = 2,
+    example_batch: int = EXAMPLE_BATCH,
+    example_prompts: int = EXAMPLE_PROMPTS,
     patches: dict | None = None,
     audit: bool = True,
 ) -> ExportedProgram:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -11,10 +12,17 @@ from conftest import eager
 from PIL import Image
 
 import sam3_exportable as s3e
-from sam3_exportable import cli
-from sam3_exportable.aoti import AOTI_FORMAT, LoadedAotiPackage, aoti_path_for, load_aoti
+from sam3_exportable import aoti, cli
+from sam3_exportable.aoti import (
+    AOTI_FORMAT,
+    LoadedAotiPackage,
+    aoti_path_for,
+    load_aoti,
+    narrowed_parallelism,
+    size_hints,
+)
 from sam3_exportable.bench import compare_parity
-from sam3_exportable.export import example_inputs
+from sam3_exportable.export import EXAMPLE_BATCH, EXAMPLE_PROMPTS, example_inputs
 from sam3_exportable.predict import Predictor, load_artifact
 
 # Measured on torch 2.14.1 CPU (tiny): 1.0e-7 / 0 / 2.4e-6 / 3.6e-7. Inductor fuses and
@@ -61,8 +69,95 @@ def test_export_aoti_writes_package_and_manifest(exported_pair: tuple[Path, Path
     assert manifest["compile_seconds"] > 0 and manifest["inductor_configs"] == {
         "freezing": True,
         "cpp.weight_prepack": False,
+        "layout_optimization": False,
     }
     assert manifest["inputs"][0]["shape"][0] == manifest["audit"]["symbols"]["batch"]
+    assert manifest["size_hints"] == {"batch": EXAMPLE_BATCH, "num_prompts": EXAMPLE_PROMPTS}
+    assert manifest["compile_threads"] == torch.get_num_threads()
+
+
+@pytest.mark.parametrize(
+    ("hint", "threads", "narrowed"),
+    [
+        (2, 2, True),
+        (3, 2, False),
+        (4, 2, True),
+        (3, 3, True),
+        (3, 4, False),
+        (3, 16, False),
+        (16, 16, True),
+        (31, 16, False),
+        (32, 16, True),
+        (2, 1, False),
+    ],
+)
+def test_narrowed_parallelism_follows_inductors_rule(hint: int, threads: int, narrowed: bool) -> None:
+    assert narrowed_parallelism({"batch": hint}, threads) == (["batch"] if narrowed else [])
+
+
+def test_default_trace_sizes_keep_size_one_runs_parallel_on_common_thread_counts() -> None:
+    hints = {"batch": EXAMPLE_BATCH, "num_prompts": EXAMPLE_PROMPTS}
+    assert [t for t in range(1, 129) if narrowed_parallelism(hints, t)] == [3]
+
+
+class _WindowNorm(torch.nn.Module):
+    """The ViT's pattern: un-partition windows, add, layer-norm; a batch-outer loop nest."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(256)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        y = x.view(b, 2, 2, 12, 12, 256).permute(0, 1, 3, 2, 4, 5).reshape(b, 24, 24, 256)
+        return self.norm(y + 1.0)
+
+
+@pytest.mark.parametrize("hint", [2, 3])
+def test_inductor_parallelizes_past_the_batch_as_narrowed_parallelism_predicts(
+    hint: int, tmp_path: Path
+) -> None:
+    # Guards the rule aoti.narrowed_parallelism models: if inductor changes it, this fails.
+    batch = torch.export.Dim("batch", min=1)
+    ep = torch.export.export(
+        _WindowNorm().eval(), (torch.randn(hint, 576, 256),), dynamic_shapes=({0: batch},)
+    )
+    assert size_hints(ep) == {"batch": hint}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        package = torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "w.pt2"))
+    finally:
+        torch.set_num_threads(threads)
+    with zipfile.ZipFile(package) as archive:
+        (kernels,) = [archive.read(n).decode() for n in archive.namelist() if n.endswith("kernel.cpp")]
+    narrowed = bool(narrowed_parallelism({"batch": hint}, 2))
+    assert ("#pragma omp for collapse(" not in kernels) == narrowed
+    x = torch.randn(1, 576, 256)
+    runner = torch._inductor.aoti_load_package(package)
+    torch.testing.assert_close(runner(x), _WindowNorm().eval()(x), rtol=1e-5, atol=1e-5)
+
+
+def test_compile_aoti_warns_when_the_trace_sizes_narrow_parallelism(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    ep = torch.export.export(
+        _WindowNorm().eval(),
+        (torch.randn(2, 576, 256),),
+        dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+    )
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(
+        torch._inductor,
+        "aoti_compile_and_package",
+        lambda ep, package_path, inductor_configs: Path(package_path).write_bytes(b"x"),
+    )
+    monkeypatch.setattr(aoti, "_io_specs", lambda ep: ([{"shape": ["s0", 576, 256]}] * 2, []))
+    with pytest.warns(
+        UserWarning, match=r"traced at \{'batch': 2\}; with 2 threads .* over \['batch'\] alone"
+    ):
+        manifest = aoti.compile_aoti(ep, tmp_path / "w.aoti.pt2")
+    assert manifest["size_hints"] == {"batch": 2} and manifest["compile_threads"] == 2
 
 
 def test_aoti_parity_at_unseen_shapes_within_bounds(

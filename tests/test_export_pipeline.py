@@ -13,10 +13,11 @@ from hypothesis import strategies as st
 from torch.export import Dim
 
 import sam3_exportable as s3e
+from sam3_exportable.aoti import size_hints
 from sam3_exportable.artifact import load_pipeline, manifest_path, save_pipeline
 from sam3_exportable.cli import main
 from sam3_exportable.errors import ArtifactError, DynamicShapeAuditError, InputSpecError
-from sam3_exportable.export import audit_dynamic_shapes, export_full_pipeline
+from sam3_exportable.export import EXAMPLE_BATCH, EXAMPLE_PROMPTS, audit_dynamic_shapes, export_full_pipeline
 
 
 @pytest.mark.parametrize(("batch", "prompts"), [(1, 1), (1, 2), (3, 2), (2, 4)])
@@ -124,11 +125,14 @@ def test_save_then_load_in_fresh_process_with_only_torch(tiny_wrapper, tiny_ep, 
     manifest = save_pipeline(tiny_ep, path, metadata={"image_size": 224})
     assert manifest["sha256"] and manifest["versions"]["sam3"].startswith("0.1")
     assert json.loads(manifest_path(path).read_text())["image_size"] == 224
-    assert [i["shape"][0] for i in manifest["inputs"]] != [2, 2]  # symbolic, not the trace sizes
+    # symbolic, not the trace sizes
+    assert [i["shape"][0] for i in manifest["inputs"]] != [EXAMPLE_BATCH, EXAMPLE_PROMPTS]
     inputs = example_inputs(tiny_wrapper, 3, 5, seed=9)  # shape used nowhere in tracing
     assert_bitwise(eager(tiny_wrapper, *inputs), run_in_fresh_process(path, inputs, tmp_path))
     loaded = load_pipeline(path)
     assert_bitwise(eager(tiny_wrapper, *inputs), loaded.module()(*inputs))
+    # the trace sizes survive as size hints: AOTInductor plans its loops by them
+    assert size_hints(loaded.program) == {"batch": EXAMPLE_BATCH, "num_prompts": EXAMPLE_PROMPTS}
 
 
 def test_artifact_refuses_overwrite_and_detects_tampering(tiny_ep, tmp_path: Path) -> None:
