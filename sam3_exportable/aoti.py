@@ -66,20 +66,23 @@ DEFAULT_INDUCTOR_CONFIGS: dict[str, Any] = {
     "layout_optimization": False,
 }
 
-#: Names of the program's dynamic input dims, in input order (dim 0 of each input).
-_DYNAMIC_NAMES = ("batch", "num_prompts")
-
 
 def size_hints(ep: ExportedProgram) -> dict[str, int]:
-    """The size hint ``ep`` carries for each dynamic input dim: the size it was traced at
-    (kept by ``torch.export.save``/``load``). Inductor plans the package's loops by these.
+    """The size hint ``ep`` carries for each dim of :data:`.export.DYNAMIC_DIMS`: the size it
+    was traced at (kept by ``torch.export.save``/``load``). Inductor plans the package's
+    loops by these.
 
-    Dims that are not symbolic are left out.
+    Dims that are not symbolic, or inputs the program lacks, are left out.
     """
+    from .export import DYNAMIC_DIMS  # imports neither sam3 nor anything that does
+
     nodes = {n.name: n for n in ep.graph.nodes}
+    user_inputs = list(ep.graph_signature.user_inputs)
     hints: dict[str, int] = {}
-    for name, user_input in zip(_DYNAMIC_NAMES, ep.graph_signature.user_inputs, strict=False):
-        size = nodes[user_input].meta["val"].shape[0]
+    for index, dim, name in DYNAMIC_DIMS:
+        if index >= len(user_inputs):
+            continue
+        size = nodes[user_inputs[index]].meta["val"].shape[dim]
         if isinstance(size, torch.SymInt) and size.node.hint is not None:
             hints[name] = int(size.node.hint)
     return hints

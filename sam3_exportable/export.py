@@ -138,7 +138,10 @@ def audit_dynamic_shapes(
 
 
 def example_inputs(
-    wrapper: FullSam3PipelineWrapper, batch: int = 2, prompts: int = 2, seed: int = 0
+    wrapper: FullSam3PipelineWrapper,
+    batch: int = EXAMPLE_BATCH,
+    prompts: int = EXAMPLE_PROMPTS,
+    seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`~.pipeline.synthetic_inputs` sized for ``wrapper``."""
     return synthetic_inputs(wrapper.image_size, wrapper.context_length, batch, prompts, seed)
