@@ -1,4 +1,8 @@
-"""Exceptions raised by sam3_exportable; each names the input, what was expected and what came."""
+"""Exceptions raised by sam3_exportable; each message names the input, what was expected and
+what came.
+
+The command line turns every one of them into one line on stderr and exit status 2.
+"""
 
 from __future__ import annotations
 
@@ -7,25 +11,40 @@ __all__ = [
     "CheckpointError",
     "DynamicShapeAuditError",
     "InputSpecError",
+    "OutputExistsError",
+    "OutputPathError",
     "UpstreamMismatchError",
 ]
 
 
 class UpstreamMismatchError(RuntimeError):
-    """A patch's upstream target is missing or its source differs from the fingerprint."""
+    """A patch's target (in ``sam3`` or in torch) is missing or its source differs from the
+    fingerprint the patch was written against."""
 
 
 class CheckpointError(ValueError):
-    """A checkpoint file is not an upstream SAM3 checkpoint or does not fit the model."""
+    """A checkpoint is not an upstream SAM3 checkpoint, does not fit the model, or cannot be
+    fetched."""
 
 
 class DynamicShapeAuditError(RuntimeError):
-    """An exported program specialized (or constrained) a dim that must stay dynamic."""
+    """An exported program (or ONNX graph) specialized, or constrained, a dim that must stay
+    dynamic."""
 
 
 class InputSpecError(ValueError):
-    """A pipeline input has the wrong rank, size, dtype or is empty."""
+    """A pipeline input (tensor, image, phrase, option value) has the wrong rank, size, dtype,
+    range or is empty."""
 
 
 class ArtifactError(RuntimeError):
-    """A .pt2 artifact or its manifest is missing, foreign, or fails its hash check."""
+    """An artifact or its manifest is missing, foreign, inconsistent, or fails its hash check."""
+
+
+class OutputPathError(ValueError):
+    """An output path cannot be written: an existing file or directory without ``force``, a
+    directory where a file is expected, a read-only or missing location."""
+
+
+class OutputExistsError(OutputPathError, FileExistsError):
+    """An output exists and overwriting it was not asked for (``--force``)."""

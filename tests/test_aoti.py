@@ -12,18 +12,18 @@ from conftest import eager
 from PIL import Image
 
 import sam3_exportable as s3e
-from sam3_exportable import aoti, cli
-from sam3_exportable.aoti import (
-    AOTI_FORMAT,
+from sam3_exportable import cli
+from sam3_exportable.artifact import aoti
+from sam3_exportable.artifact.aoti import (
     LoadedAotiPackage,
     aoti_path_for,
     load_aoti,
     narrowed_parallelism,
     size_hints,
 )
-from sam3_exportable.bench import compare_parity
 from sam3_exportable.export import EXAMPLE_BATCH, EXAMPLE_PROMPTS, example_inputs
 from sam3_exportable.predict import Predictor, load_artifact
+from sam3_exportable.verify import compare_parity
 
 # Measured on torch 2.14.1 CPU (tiny): 1.0e-7 / 0 / 2.4e-6 / 3.6e-7. Inductor fuses and
 # reorders float ops, so the package is close to, not bitwise equal to, the .pt2.
@@ -62,7 +62,7 @@ def test_export_aoti_writes_package_and_manifest(exported_pair: tuple[Path, Path
     assert status == 0, "export --aoti --verify reported a mismatch"
     manifest = json.loads(Path(f"{package}.json").read_text())
     source = json.loads(Path(f"{pt2}.json").read_text())
-    assert manifest["format"] == AOTI_FORMAT
+    assert manifest["format"] == "sam3-exportable" and manifest["kind"] == "aoti"
     assert manifest["source"] == {"artifact": pt2.name, "sha256": source["sha256"]}
     for key in ("image_size", "context_length", "tokenizer", "patches", "audit", "model"):
         assert manifest[key] == source[key], key
@@ -138,6 +138,10 @@ def test_inductor_parallelizes_past_the_batch_as_narrowed_parallelism_predicts(
     torch.testing.assert_close(runner(x), _WindowNorm().eval()(x), rtol=1e-5, atol=1e-5)
 
 
+class _Stop(Exception):
+    pass
+
+
 def test_compile_aoti_warns_when_the_trace_sizes_narrow_parallelism(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
@@ -147,17 +151,19 @@ def test_compile_aoti_warns_when_the_trace_sizes_narrow_parallelism(
         dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
     )
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    monkeypatch.setattr(
-        torch._inductor,
-        "aoti_compile_and_package",
-        lambda ep, package_path, inductor_configs: Path(package_path).write_bytes(b"x"),
-    )
-    monkeypatch.setattr(aoti, "_io_specs", lambda ep: ([{"shape": ["s0", 576, 256]}] * 2, []))
-    with pytest.warns(
-        UserWarning, match=r"traced at \{'batch': 2\}; with 2 threads .* over \['batch'\] alone"
+
+    def compiler(ep, package_path, inductor_configs):
+        Path(package_path).write_bytes(b"half a package")
+        raise _Stop  # a compile that fails half-way
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", compiler)
+    with (
+        pytest.warns(UserWarning, match=r"traced at \{'batch': 2\}; with 2 threads .* \['batch'\] alone"),
+        pytest.raises(_Stop),
     ):
-        manifest = aoti.compile_aoti(ep, tmp_path / "w.aoti.pt2")
-    assert manifest["size_hints"] == {"batch": 2} and manifest["compile_threads"] == 2
+        aoti.compile_aoti(ep, tmp_path / "w.aoti.pt2")
+    assert list(tmp_path.iterdir()) == []  # nothing half-written is left behind
+    assert size_hints(ep) == {"batch": 2}
 
 
 def test_aoti_parity_at_unseen_shapes_within_bounds(
@@ -180,7 +186,7 @@ def test_aoti_parity_at_unseen_shapes_within_bounds(
 
 def test_aoti_manifest_and_hash_are_checked(exported_pair: tuple[Path, Path, int], tmp_path: Path) -> None:
     pt2, package, _ = exported_pair
-    with pytest.raises(s3e.ArtifactError, match="expected format 'sam3-exportable/aoti'"):
+    with pytest.raises(s3e.ArtifactError, match="expected a 'aoti' artifact, got a 'pt2' artifact"):
         load_aoti(pt2)  # a .pt2 program, not a package
     copy = tmp_path / "copy.aoti.pt2"
     copy.write_bytes(package.read_bytes() + b"\0")
@@ -224,6 +230,6 @@ def test_load_artifact_names_both_accepted_formats(tmp_path: Path) -> None:
     path = tmp_path / "x.pt2"
     path.write_bytes(b"not a program")
     Path(f"{path}.json").write_text(json.dumps({"format": "other"}))
-    wanted = "expected format 'sam3-exportable/pt2' or 'sam3-exportable/aoti', got 'other'"
+    wanted = "expected format 'sam3-exportable' or 'sam3-exportable/pt2' or 'sam3-exportable/aoti', got 'othe"
     with pytest.raises(s3e.ArtifactError, match=wanted):
         Predictor(path)

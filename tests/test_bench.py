@@ -72,7 +72,7 @@ def test_compare_parity_detects_a_flipped_instance_and_mask_pixels() -> None:
 
 
 def test_format_measured_never_prints_a_missed_target_as_its_bound() -> None:
-    from sam3_exportable.bench_report import format_measured
+    from sam3_exportable.bench.report import format_measured
 
     def shown(target: str, value: float | None) -> str:
         return format_measured({"name": "t", "target": target, "measured": value})
@@ -95,8 +95,12 @@ def test_plans_and_bad_sizes() -> None:
     assert "aoti" not in quick.variants and not quick.aoti
     full = plan_for("full")
     assert full.variants == ["eager", "exported", "aoti", "bf16"]
-    assert full.shapes == [(1, 1), (2, 3), (1, 8)] and full.warmup >= 1 and full.runs >= 3
+    assert full.matrix["eager"] == [(1, 1), (2, 3), (1, 8)]
+    assert full.matrix["bf16"] == [(1, 1), (2, 1), (4, 1)]  # the per-image cost in B
+    assert set(full.matrix["exported"]) == {(1, 1), (2, 1), (4, 1), (2, 3), (1, 8)}
+    assert full.matrix["aoti"] == [(1, 1)] and full.warmup >= 1 and full.runs >= 3
     assert 32 in full.scaling_prompts
+    assert set(plan_for("full", all_shapes=True).matrix["aoti"]) == set(full.matrix["exported"])
     with pytest.raises(ValueError, match="'tiny' or 'full'"):
         plan_for("huge")
     with pytest.raises(ValueError, match="--quick"):
@@ -132,11 +136,13 @@ def test_quick_bench_writes_results_and_plots(quick_run: tuple[Path, int]) -> No
     out, status = quick_run
     assert status == 0
     doc = json.loads((out / "results.json").read_text())
-    assert doc["schema"] == SCHEMA and doc["schema_version"] == 2
+    assert doc["schema"] == SCHEMA and doc["schema_version"] == 3
     assert doc["size"] == "tiny" and doc["quick"] is True
     for key in ("torch", "sam3", "torchvision", "python"):
         assert doc["versions"][key]
     assert doc["machine"]["cpu_count"] >= 1 and doc["machine"]["torch_threads"] >= 1
+    assert doc["machine"]["torch_cpu_capability"] and isinstance(doc["machine"]["bf16_native"], bool)
+    assert set(doc["machine"]["cpu_flags"]) >= {"avx512_bf16", "amx_bf16", "avx512_vnni"}
     assert not [k for k, v in doc["jobs"].items() if isinstance(v, dict) and "error" in v]
 
     assert set(doc["matmul_peak_gflops"]) == {"fp32", "bf16"}
@@ -153,14 +159,14 @@ def test_quick_bench_writes_results_and_plots(quick_run: tuple[Path, int]) -> No
         assert _is_stat(doc["load"][how]["seconds"]) and _is_stat(doc["load"][how]["peak_rss_gib"])
 
     rows = {(r["variant"], r["B"], r["P"]): r for r in doc["latency"]}
-    assert set(rows) == {
-        (v, b, p) for v in ("eager", "exported", "bf16") for b, p in [(1, 1), (2, 3), (1, 8)]
-    }
-    for (variant, _, _), row in rows.items():
+    shapes = [(1, 1), (2, 1), (4, 1), (2, 3), (1, 8)]
+    assert set(rows) == {(v, b, p) for v in ("eager", "exported", "bf16") for b, p in shapes}
+    for (variant, b, p), row in rows.items():
         assert _is_stat(row["seconds"]) and _is_stat(row["peak_rss_gib"])
         assert row["load_s"] > 0 and row["ratio_to_eager"] > 0
         assert row["flops"] > 0 and row["achieved_gflops"] > 0
         assert row["matmul_peak_used"] == ("bf16" if variant == "bf16" else "fp32")
+        assert ("ratio_to_B1" in row) == (b > 1 and (variant, 1, p) in rows)
 
     parity = doc["parity"]
     assert parity["exported_vs_eager"]["bitwise"] == dict.fromkeys(
@@ -172,17 +178,21 @@ def test_quick_bench_writes_results_and_plots(quick_run: tuple[Path, int]) -> No
 
     scaling = doc["scaling"]
     assert [pt["P"] for pt in scaling["prompts_at_B1"]] == [1, 2, 4, 8]
-    assert [pt["B"] for pt in scaling["batches_at_P1"]] == [1, 2]
+    assert [pt["B"] for pt in scaling["batches_at_P1"]] == [1, 2, 4]
     for key in ("seconds_per_extra_prompt", "gib_per_extra_prompt", "seconds_per_extra_image"):
         assert isinstance(scaling[key], float)
 
     names = [t["name"] for t in doc["targets"]]
-    assert len(names) == 8 and all({"target", "measured", "met", "unit"} <= set(t) for t in doc["targets"])
+    keys = {"target", "measured", "met", "unit", "applies_to", "applicable"}
+    assert all(keys <= set(t) for t in doc["targets"])
     assert any("P=32" in n for n in names) and any("load" in n for n in names)
+    assert {"exported time(B=2) / time(B=1), P=1", "bf16 time(B=4) / time(B=1), P=1"} <= set(names)
     compare = {"<=": float.__le__, ">=": float.__ge__, "<": float.__lt__}
     for t in doc["targets"]:
         op, bound = t["target"].split()
-        expected = None if t["measured"] is None else compare[op](float(t["measured"]), float(bound))
+        assert t["applicable"] == (t["applies_to"] == "all hosts" or doc["machine"]["bf16_native"])
+        measured = t["measured"] is not None and t["applicable"]
+        expected = compare[op](float(t["measured"]), float(bound)) if measured else None
         assert t["met"] == expected, t
     assert doc["command"][:4] == ["sam3-exportable", "bench", "--size", "tiny"]
 
@@ -235,7 +245,7 @@ def test_quick_bench_refuses_to_overwrite_and_resumes(quick_run: tuple[Path, int
 
 def test_resume_keeps_the_bf16_decision_of_the_first_run(tmp_path: Path) -> None:
     from sam3_exportable.bench import BenchRun
-    from sam3_exportable.bench_report import markdown_summary
+    from sam3_exportable.bench.report import markdown_summary
 
     plan = plan_for("tiny", quick=True)
     note = {

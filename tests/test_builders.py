@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import sam3_exportable as s3e
-from sam3_exportable.builders import BPE_VOCAB_SHA256, bpe_vocab_path
 from sam3_exportable.errors import CheckpointError
+from sam3_exportable.tokenizer import BPE_VOCAB_SHA256, bpe_vocab_path
 
 
 def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:

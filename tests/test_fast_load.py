@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
@@ -17,10 +18,8 @@ from conftest import assert_bitwise, example_inputs
 from torch._export.serde import schema
 from torch.export.pt2_archive import _package
 
-from sam3_exportable import fast_load
-from sam3_exportable.artifact import load_pipeline, manifest_path, save_pipeline, sha256_file
-from sam3_exportable.errors import ArtifactError
-from sam3_exportable.fast_load import (
+from sam3_exportable.artifact import fast_load, load_pipeline, manifest_path, save_pipeline, sha256_file
+from sam3_exportable.artifact.fast_load import (
     FastLoadUnavailable,
     _Memo,
     _memo_get_type_hints,
@@ -29,6 +28,8 @@ from sam3_exportable.fast_load import (
     fast_load_scope,
     load_program,
 )
+from sam3_exportable.errors import ArtifactError
+from sam3_exportable.patching.engine import installed_patches
 
 
 def _patched_names() -> dict[str, object]:
@@ -128,7 +129,7 @@ def test_scope_restores_on_exception_and_nests(saved: Path) -> None:
             assert _patched_names() != ORIGINALS, "inner scope must not restore for the outer one"
             raise RuntimeError("boom")
     assert _patched_names() == ORIGINALS
-    assert fast_load._STATE.depth == 0 and not fast_load._STATE.memo.sympify
+    assert not set(installed_patches()) & {p.name for p in fast_load.FAST_LOAD_PATCHES}
 
 
 def test_other_threads_are_not_served_from_the_mapping(saved: Path) -> None:
@@ -155,7 +156,11 @@ def test_fallback_when_internals_changed(saved: Path, plain, monkeypatch, caplog
         load_program(saved)
     monkeypatch.undo()
     # a torch whose serializer module moved: the fast path gives up, torch.export.load works
-    monkeypatch.setattr(fast_load, "_SERIALIZE", "torch._export.serde.serialize_moved")
+    moved = tuple(
+        dataclasses.replace(p, target=p.target.replace("serde.serialize.", "serde.serialize_moved."))
+        for p in fast_load.FAST_LOAD_PATCHES
+    )
+    monkeypatch.setattr(fast_load, "FAST_LOAD_PATCHES", moved)
     with caplog.at_level(logging.WARNING, logger="sam3_exportable.artifact"):
         loaded = load_pipeline(saved)
     monkeypatch.undo()

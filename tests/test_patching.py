@@ -11,9 +11,9 @@ from conftest import assert_bitwise, eager, example_inputs
 
 import sam3_exportable as s3e
 from sam3_exportable.errors import UpstreamMismatchError
-from sam3_exportable.patch_set import default_context, patch_by_name, select_patches
 from sam3_exportable.patching import Patch, PatchContext, PatchSession, resolve_target
-from sam3_exportable.upstream_patches import ALL_PATCHES
+from sam3_exportable.patching.selection import default_context, patch_by_name, select_patches
+from sam3_exportable.patching.upstream import ALL_PATCHES
 
 
 def _current() -> dict[str, object]:
@@ -140,8 +140,8 @@ def test_failure_while_applying_reverts_what_was_applied(monkeypatch: pytest.Mon
 
 
 def test_selection_by_context_and_names() -> None:
-    cpu = PatchContext(torch_version="2.14.1", strict=False, device="cpu", cuda_available=False)
-    gpu = dataclasses.replace(cpu, device="cuda", cuda_available=True)
+    cpu = PatchContext(cuda_available=False)
+    gpu = dataclasses.replace(cpu, cuda_available=True)
     cpu_names = {p.name for p in select_patches(context=cpu)}
     gpu_names = {p.name for p in select_patches(context=gpu)}
     build_only = {"position_encoding.precompute_on_available_device", "decoder.coords_on_available_device"}
@@ -187,7 +187,7 @@ def test_doctor_table_on_the_pinned_upstream(capsys) -> None:
         line = next(line for line in out.splitlines() if line.startswith(p.name + " "))
         assert line.split()[-1] == "ok" and "needs patch" in line, line
     bad = dataclasses.replace(patch_by_name("decoder.static_rpb_feat_size"), fingerprint="0" * 16)
-    from sam3_exportable.doctor import doctor_rows
+    from sam3_exportable.patching.doctor import doctor_rows
 
     (row,) = doctor_rows([bad])
     assert row.fingerprint.startswith("MISMATCH") and not row.applied

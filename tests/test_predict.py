@@ -186,8 +186,9 @@ def test_bad_inputs_are_refused_and_nothing_is_written(artifact, image_files, tm
     )
     _assert_refused(_predict_args(artifact, image_files, out, []), out, "at least one text prompt", capsys)
     foreign = tmp_path / "foreign.pt2"
-    foreign.write_bytes(artifact.read_bytes())
+    torch.export.save(torch.export.load(artifact), foreign)  # a program without our manifest
     _assert_refused(_predict_args(foreign, image_files, out), out, "not a sam3-exportable artifact", capsys)
+    foreign.write_bytes(artifact.read_bytes())
     manifest_path(foreign).write_text(manifest_path(artifact).read_text())
     with foreign.open("ab") as fh:
         fh.write(b"tampered")

@@ -15,8 +15,8 @@ import torch
 from conftest import assert_bitwise, example_inputs
 from unit_probe import probe
 
-from sam3_exportable.patch_set import exportable_sam3, patch_by_name
-from sam3_exportable.upstream_patches import ALL_PATCHES
+from sam3_exportable.patching.selection import exportable_sam3, patch_by_name
+from sam3_exportable.patching.upstream import ALL_PATCHES
 
 ROOT = Path(__file__).resolve().parents[1]
 DIFFS = sorted((ROOT / "patches").glob("*.patch"))

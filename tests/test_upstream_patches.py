@@ -270,7 +270,7 @@ def test_dynamo_bypasses_wrapt_wrappers_so_strict_is_refused(tiny_model, monkeyp
 def test_sdpa_box_rpb_path_is_taken_and_bitwise(tiny_wrapper, monkeypatch: pytest.MonkeyPatch) -> None:
     # Measured on torch 2.14.1 CPU: max |diff| 0 for every output (nn.MultiheadAttention
     # already runs SDPA over the same 4-D view of the mask), so no tolerance is needed.
-    from sam3_exportable.upstream_patches import model_misc
+    from sam3_exportable.patching.upstream import model_misc
 
     calls = []
     real = model_misc._sdpa

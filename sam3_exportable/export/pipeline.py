@@ -1,0 +1,137 @@
+"""``FullSam3PipelineWrapper``: the whole text-grounding pipeline as one ``nn.Module``."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from ..contract import OUTPUT_NAMES, check_inputs, synthetic_inputs
+
+__all__ = ["OUTPUT_NAMES", "FullSam3PipelineWrapper", "is_tracing", "synthetic_inputs"]
+
+# Upstream's VL backbone encodes text under exactly this SDPA backend selection.
+_TEXT_SDPA_BACKENDS = [SDPBackend.MATH, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION]
+
+
+def is_tracing() -> bool:
+    """True while torch.export / torch.compile traces (strict or non-strict)."""
+    return bool(torch.compiler.is_compiling())
+
+
+class FullSam3PipelineWrapper(nn.Module):
+    """Image encoder + text encoder + fusion encoder + decoder + segmentation head.
+
+    ``forward(images, token_ids)``:
+
+    * ``images``: float32 ``[B, 3, S, S]``, already resized to ``S = image_size`` and
+      normalised as upstream does (mean 0.5, std 0.5), ``B >= 1``.
+    * ``token_ids``: int64 ``[P, L]``, ``L = context_length``, upstream tokenizer output
+      (0 is padding), ``P >= 1``.
+
+    Returns ``(pred_logits [B*P, Q, 1], pred_boxes [B*P, Q, 4] (cxcywh, normalised),
+    pred_masks [B*P, Q, S/3.5, S/3.5] (logits), presence_logit_dec [B*P, 1])``, all float32,
+    for every image-prompt pair in image-major order (pair ``b * P + p``), using
+    text-only grounding exactly as upstream's ``Sam3Processor`` does for one pair.
+
+    With ``autocast_dtype`` (e.g. ``torch.bfloat16``) the computation runs under autocast
+    entered inside ``forward``, so an exported graph still takes and returns float32.
+
+    In eager mode, inputs of the wrong rank, size or dtype, an empty batch, non-finite
+    pixels and out-of-vocabulary token ids raise :class:`~sam3_exportable.errors.InputSpecError`.
+    """
+
+    def __init__(self, model: nn.Module, autocast_dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        if autocast_dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(
+                f"autocast_dtype: expected None, torch.bfloat16 or torch.float16, got {autocast_dtype}"
+            )
+        self.model = model
+        self.autocast_dtype = None if autocast_dtype == torch.float32 else autocast_dtype
+        language = model.backbone.language_backbone
+        self.context_length: int = int(language.context_length)
+        self.vocab_size: int = int(language.encoder.vocab_size)
+        trunk = model.backbone.vision_backbone.trunk
+        patch = int(trunk.patch_embed.proj.kernel_size[0])
+        feat = model.transformer.decoder.compilable_stored_size
+        if feat is None:
+            raise ValueError(
+                "FullSam3PipelineWrapper: the decoder has no box-RPB resolution/stride, so "
+                "the image size cannot be derived; build the model with resolution and stride"
+            )
+        self.image_size: int = int(feat[0]) * patch
+
+    def check_inputs(self, images: torch.Tensor, token_ids: torch.Tensor) -> None:
+        """Raise :class:`~..errors.InputSpecError` naming the input, what was expected and
+        what came (:func:`~..contract.check_inputs`, the check every artifact applies too)."""
+        check_inputs(
+            images,
+            token_ids,
+            image_size=self.image_size,
+            context_length=self.context_length,
+            vocab_size=self.vocab_size,
+        )
+
+    def encode_text(self, token_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Upstream ``VETextEncoder`` on token ids (its string branch after tokenizing)."""
+        language = self.model.backbone.language_backbone
+        with sdpa_kernel(_TEXT_SDPA_BACKENDS):
+            padding = (token_ids != 0).ne(1)
+            inputs_embeds = language.encoder.token_embedding(token_ids)
+            _, text_memory = language.encoder(token_ids)
+            text_memory = language.resizer(text_memory.transpose(0, 1))
+        return {
+            "language_features": text_memory,
+            "language_mask": padding,
+            "language_embeds": inputs_embeds.transpose(0, 1),
+        }
+
+    def _ground(self, images: torch.Tensor, token_ids: torch.Tensor) -> dict[str, Any]:
+        from sam3.model.data_misc import FindStage
+
+        batch, prompts = images.shape[0], token_ids.shape[0]
+        device = images.device
+        backbone_out = self.model.backbone.forward_image(images)
+        backbone_out.update(self.encode_text(token_ids))
+        # image-major pairs: pair b * P + p holds image b and prompt p
+        img_ids = torch.arange(batch, device=device).view(batch, 1).expand(batch, prompts).reshape(-1)
+        text_ids = torch.arange(prompts, device=device).view(1, prompts).expand(batch, prompts).reshape(-1)
+        find_input = FindStage(
+            img_ids=img_ids,
+            text_ids=text_ids,
+            input_boxes=None,
+            input_boxes_mask=None,
+            input_boxes_label=None,
+            input_points=None,
+            input_points_mask=None,
+        )
+        geometric_prompt = self.model._get_dummy_prompt(num_prompts=batch * prompts)
+        return self.model.forward_grounding(
+            backbone_out=backbone_out,
+            find_input=find_input,
+            find_target=None,
+            geometric_prompt=geometric_prompt,
+        )
+
+    def forward(
+        self, images: torch.Tensor, token_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        if not is_tracing():
+            self.check_inputs(images, token_ids)
+        autocast = (
+            torch.autocast(device_type=images.device.type, dtype=self.autocast_dtype)
+            if self.autocast_dtype is not None
+            else contextlib.nullcontext()
+        )
+        # Inference only: in fp32, grad mode changes some CPU kernels in the last bits, so
+        # the graph fixes grad mode off for every caller. Under autocast, results do not
+        # depend on grad mode, but an exported no_grad region around autocast does not
+        # reproduce eager bitwise (both measured on torch 2.14.1), so none is added there.
+        grad = torch.no_grad() if self.autocast_dtype is None else contextlib.nullcontext()
+        with autocast, grad:
+            out = self._ground(images, token_ids)
+        return tuple(out[name].float() for name in OUTPUT_NAMES)  # type: ignore[return-value]

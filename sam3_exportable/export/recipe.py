@@ -1,0 +1,231 @@
+"""The export recipe: build (or take) a model, export, audit, save each artifact kind,
+optionally verify it against eager. The command line, the bench and Python users call it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..artifact.aoti import aoti_path_for, compile_aoti
+from ..artifact.files import check_output_file, free_bytes
+from ..artifact.loader import load_artifact
+from ..artifact.manifest import manifest_path, provenance_of, record_provenance
+from ..artifact.pt2 import save_pipeline
+from ..errors import InputSpecError, OutputPathError
+from ..patching.selection import exportable_sam3
+from ..progress import Stages
+from ..verify import compare_parity, same_instances
+from .builders import build_info, build_model
+from .pipeline import FullSam3PipelineWrapper
+from .trace import AuditReport, audit_dynamic_shapes, example_inputs, export_full_pipeline
+
+__all__ = ["AUTOCAST", "FORMATS", "BuildRecord", "artifact_paths", "build_artifact"]
+
+#: Artifact kinds the recipe writes; ``aoti`` is compiled from the same program as ``pt2``.
+FORMATS = ("pt2", "aoti", "onnx")
+
+#: ``--autocast`` names -> dtypes.
+AUTOCAST: dict[str, torch.dtype | None] = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+_SUFFIXES = {"pt2": ".pt2", "aoti": ".aoti.pt2", "onnx": ".onnx"}
+
+
+@dataclasses.dataclass
+class BuildRecord:
+    """What :func:`build_artifact` did.
+
+    Attributes:
+        stages: seconds per stage, in order (``build``, ``export``, ``audit``, ``save``, ...).
+        paths: kind -> the artifact written.
+        manifests: kind -> its manifest.
+        audit: the dynamic-shape audit of the program.
+        parity: kind -> :func:`..verify.compare_parity` of the loaded artifact against eager
+            (only with ``verify``).
+        program: the exported program.
+    """
+
+    stages: dict[str, float]
+    paths: dict[str, Path]
+    manifests: dict[str, dict[str, Any]]
+    audit: AuditReport
+    parity: dict[str, dict[str, Any]]
+    program: torch.export.ExportedProgram
+
+    @property
+    def verified(self) -> bool:
+        """True unless a verified ``.pt2`` differs from eager or another kind keeps other
+        instances (trivially True without ``verify``)."""
+        for kind, parity in self.parity.items():
+            if kind == "pt2" and not all(parity["bitwise"].values()):
+                return False
+            if kind != "pt2" and not same_instances(parity):
+                return False
+        return True
+
+
+def artifact_paths(out: str | os.PathLike[str], formats: Sequence[str]) -> dict[str, Path]:
+    """Where each kind goes: the first of ``formats`` at ``out``, the others beside it with
+    their suffix (``build/sam3.pt2`` -> ``build/sam3.aoti.pt2``, ``build/sam3.onnx``)."""
+    out = Path(out)
+    name = out.name
+    stem = next(
+        (name[: -len(s)] for s in sorted(_SUFFIXES.values(), key=len, reverse=True) if name.endswith(s)), name
+    )
+    paths = {kind: out.with_name(stem + _SUFFIXES[kind]) for kind in formats}
+    paths[formats[0]] = out
+    if formats[0] == "pt2" and "aoti" in formats:
+        paths["aoti"] = aoti_path_for(out)
+    return paths
+
+
+def _estimated_bytes(model: nn.Module, formats: Sequence[str]) -> int:
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return int(weights * len(formats) * 1.05)
+
+
+def build_artifact(
+    out: str | os.PathLike[str],
+    *,
+    model: nn.Module | None = None,
+    size: str = "full",
+    checkpoint: str | os.PathLike[str] | None = None,
+    seed: int = 0,
+    allow_missing_keys: bool = False,
+    formats: Sequence[str] = ("pt2",),
+    autocast: str = "none",
+    verify: tuple[int, int] | None = None,
+    force: bool = False,
+    inductor_configs: dict[str, Any] | None = None,
+    onnx_options: dict[str, Any] | None = None,
+    stages: Stages | None = None,
+) -> BuildRecord:
+    """Build (or take ``model``), export, audit, save every kind of ``formats``, verify.
+
+    Args:
+        out: path of the first kind's artifact (see :func:`artifact_paths`).
+        model: an upstream ``Sam3Image``; default: :func:`~.builders.build_model` of
+            ``size`` with ``checkpoint`` (or random weights from ``seed``).
+        formats: kinds to write, from :data:`FORMATS` (``aoti`` needs ``pt2``).
+        autocast: ``"none"``, ``"bf16"`` or ``"fp16"``: the graph runs under that autocast.
+        verify: ``(B, P)``: load each written artifact (:func:`~..artifact.loader.load_artifact`)
+            and compare it with eager on inputs of that shape (:func:`..verify.compare_parity`).
+        force: replace existing artifacts.
+        inductor_configs: AOTInductor options (default
+            :data:`..artifact.aoti.DEFAULT_INDUCTOR_CONFIGS`).
+        onnx_options: keyword arguments for :func:`..artifact.onnx.export_onnx`.
+        stages: where stage timings are reported (default: silently).
+
+    Every output path is checked (writable, not a directory, not existing unless ``force``)
+    and, once the model's size is known, the free space, before the export runs. Raises
+    :class:`~..errors.OutputPathError`, :class:`~..errors.InputSpecError` (bad option
+    values), :class:`~..errors.CheckpointError`, :class:`~..errors.DynamicShapeAuditError`.
+    """
+    stages = stages or Stages()
+    formats = list(dict.fromkeys(formats))
+    unknown = [f for f in formats if f not in FORMATS]
+    if not formats or unknown:
+        raise InputSpecError(f"formats: expected some of {list(FORMATS)}, got {formats}")
+    if "aoti" in formats and "pt2" not in formats:
+        raise InputSpecError("formats: 'aoti' is compiled from the .pt2 program; ask for 'pt2' too")
+    if autocast not in AUTOCAST:
+        raise InputSpecError(f"autocast: expected one of {sorted(AUTOCAST)}, got {autocast!r}")
+    if verify is not None and (len(verify) != 2 or min(verify) < 1):
+        raise InputSpecError(f"verify: expected (B, P) with B >= 1 and P >= 1, got {verify}")
+    paths = artifact_paths(out, formats)
+    for kind, path in paths.items():
+        check_output_file(path, force=force, what=f"--out ({kind})")
+        if not force and manifest_path(path).exists():
+            check_output_file(manifest_path(path), force=force, what=f"--out ({kind} manifest)")
+    dtype = AUTOCAST[autocast]
+
+    if model is None:
+        weights = f"checkpoint {checkpoint}" if checkpoint else f"random weights, seed {seed}"
+        with stages.stage("build", f"size={size}, {weights}"):
+            model = build_model(size, checkpoint=checkpoint, seed=seed, allow_missing_keys=allow_missing_keys)  # type: ignore[arg-type]
+            info = build_info(model)
+            stages.note(f"{info.parameters:,} parameters")
+            if info.missing_keys:
+                stages.note(
+                    f"WARNING: {info.missing_keys} tensors missing from the checkpoint keep their "
+                    "random initialisation (--allow-missing-keys); the manifest records it"
+                )
+    needed = _estimated_bytes(model, formats)
+    available = free_bytes(next(iter(paths.values())).parent)
+    if available < needed:
+        raise OutputPathError(
+            f"--out {out}: expected about {needed / 2**30:.1f} GiB free for {', '.join(formats)}, "
+            f"the file system has {available / 2**30:.1f} GiB"
+        )
+    wrapper = FullSam3PipelineWrapper(model, autocast_dtype=dtype).eval()
+    record_paths: dict[str, Path] = {}
+    manifests: dict[str, dict[str, Any]] = {}
+    programs: dict[str, torch.export.ExportedProgram] = {}
+    report: AuditReport | None = None
+    targets = [t for t in ("pt2", "onnx") if t in formats or (t == "pt2" and "aoti" in formats)]
+    for target in targets:
+        label = "" if len(targets) == 1 else f" ({target})"
+        with stages.stage(f"export{label}", f"non-strict, autocast={autocast}, patches for {target}"):
+            ep = export_full_pipeline(model, autocast_dtype=dtype, audit=False, target=target)
+        with stages.stage(f"audit{label}"):
+            report = audit_dynamic_shapes(ep)
+            stages.note(report.summary())
+            provenance = provenance_of(ep)
+            assert provenance is not None
+            record_provenance(ep, dataclasses.replace(provenance, audit=report.to_manifest()))
+        programs[target] = ep
+    if "pt2" in programs:
+        with stages.stage("save", str(paths["pt2"])):
+            manifests["pt2"] = save_pipeline(programs["pt2"], paths["pt2"], force=force)
+            record_paths["pt2"] = paths["pt2"]
+            m = manifests["pt2"]
+            stages.note(f"{m['size_bytes'] / 2**20:,.0f} MiB, sha256 {m['sha256'][:16]}...")
+    if "aoti" in formats:
+        with stages.stage("aoti", f"AOTInductor package {paths['aoti']} (several minutes at full size)"):
+            manifests["aoti"] = compile_aoti(
+                programs["pt2"],
+                paths["aoti"],
+                source_manifest=manifests["pt2"],
+                inductor_configs=inductor_configs,
+                force=force,
+            )
+            record_paths["aoti"] = paths["aoti"]
+            stages.note(f"{manifests['aoti']['size_bytes'] / 2**20:,.0f} MiB")
+    if "onnx" in programs:
+        from ..artifact.onnx import export_onnx
+
+        with stages.stage("onnx", f"ONNX graph {paths['onnx']}"):
+            manifests["onnx"] = export_onnx(
+                programs["onnx"], paths["onnx"], force=force, **(onnx_options or {})
+            )
+            record_paths["onnx"] = paths["onnx"]
+            total = manifests["onnx"]["size_bytes"] + sum(
+                f["size_bytes"] for f in manifests["onnx"].get("data_files", [])
+            )
+            stages.note(f"{total / 2**20:,.0f} MiB with external data")
+    parity: dict[str, dict[str, Any]] = {}
+    if verify is not None:
+        b, p = verify
+        with stages.stage("verify", f"eager vs each artifact at B={b}, P={p}"):
+            inputs = example_inputs(wrapper, b, p, seed=1)
+            with exportable_sam3(), torch.no_grad():
+                expected = wrapper(*inputs)
+            for kind, path in record_paths.items():
+                with torch.inference_mode():
+                    got = load_artifact(path)(*inputs)
+                parity[kind] = compare_parity(expected, got)
+    assert report is not None
+    return BuildRecord(
+        stages=dict(stages.seconds),
+        paths=record_paths,
+        manifests=manifests,
+        audit=report,
+        parity=parity,
+        program=programs.get("pt2") or programs["onnx"],
+    )

@@ -1,0 +1,30 @@
+"""Images and phrases in, masks, boxes and scores out, with any artifact kind.
+
+* :mod:`.images`: every image form (paths, PIL, numpy, tensors) to 8-bit RGB by one path;
+* :mod:`.predictor`: :class:`Predictor` (pre-processing, one graph call, upstream's
+  post-processing);
+* :mod:`.outputs`: COCO RLE, instance-label PNGs, overlays.
+
+Nothing here imports ``sam3``.
+"""
+
+from __future__ import annotations
+
+from ..artifact.loader import load_artifact
+from ..tokenizer import validate_phrases
+from .images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, load_image, to_rgb
+from .predictor import Instance, PairResult, Predictor, iter_instances, postprocess
+
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "IMAGE_EXTENSIONS",
+    "Instance",
+    "PairResult",
+    "Predictor",
+    "iter_instances",
+    "load_artifact",
+    "load_image",
+    "postprocess",
+    "to_rgb",
+    "validate_phrases",
+]
