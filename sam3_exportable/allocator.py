@@ -32,7 +32,13 @@ import platform
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["MALLOC_POLICIES", "apply_malloc_policy", "current_malloc_policy", "glibc_version"]
+__all__ = [
+    "MALLOC_POLICIES",
+    "apply_malloc_policy",
+    "available_memory_bytes",
+    "current_malloc_policy",
+    "glibc_version",
+]
 
 _log = logging.getLogger(__name__)
 
@@ -124,3 +130,15 @@ def apply_malloc_policy(policy: str = "retain") -> dict[str, Any]:
 def current_malloc_policy() -> dict[str, Any]:
     """The record of the last :func:`apply_malloc_policy` call in this process."""
     return dict(_applied)
+
+
+def available_memory_bytes() -> int | None:
+    """Memory the kernel says new allocations can get without swapping (``MemAvailable``),
+    or None where ``/proc/meminfo`` does not tell."""
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None

@@ -108,14 +108,14 @@ def resolve_checkpoint(checkpoint: str | os.PathLike[str]) -> Path:
         ) from None
     except hf_errors.RevisionNotFoundError:
         raise CheckpointError(f"checkpoint {text!r}: revision {revision!r} not found in {repo_id}") from None
-    except hf_errors.EntryNotFoundError:
-        raise CheckpointError(f"checkpoint {text!r}: {repo_id} has no file {filename!r}") from None
-    except hf_errors.LocalEntryNotFoundError:
+    except hf_errors.LocalEntryNotFoundError:  # before EntryNotFoundError, its base class
         raise CheckpointError(
             f"checkpoint {text!r}: the hub could not be reached and no cached copy of "
             f"{repo_id}/{filename} exists (offline mode: HF_HUB_OFFLINE="
             f"{os.environ.get('HF_HUB_OFFLINE', 'unset')}; cache: {huggingface_hub.constants.HF_HUB_CACHE})"
         ) from None
+    except hf_errors.EntryNotFoundError:
+        raise CheckpointError(f"checkpoint {text!r}: {repo_id} has no file {filename!r}") from None
     except (hf_errors.HfHubHTTPError, OSError) as exc:
         raise CheckpointError(f"checkpoint {text!r}: download failed: {exc}") from None
 

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..allocator import available_memory_bytes
 from ..artifact.aoti import aoti_path_for, compile_aoti
 from ..artifact.files import check_output_file, free_bytes
 from ..artifact.loader import load_artifact
@@ -83,6 +84,21 @@ def artifact_paths(out: str | os.PathLike[str], formats: Sequence[str]) -> dict[
     if formats[0] == "pt2" and "aoti" in formats:
         paths["aoti"] = aoti_path_for(out)
     return paths
+
+
+def _check_verify_fits(wrapper: FullSam3PipelineWrapper, batch: int, prompts: int) -> None:
+    """Refuse a ``verify`` shape whose inputs and two sets of outputs alone exceed the memory
+    available, before anything heavy runs."""
+    s = wrapper.image_size
+    queries = int(wrapper.model.transformer.decoder.num_queries)
+    mask = (s * 2 // 7) ** 2  # pred_masks are S/3.5 on a side
+    needed = 4 * (batch * 3 * s * s + 2 * batch * prompts * queries * (5 + mask))
+    available = available_memory_bytes()
+    if available is not None and needed > available:
+        raise InputSpecError(
+            f"verify: expected a shape whose inputs and outputs fit in memory, got B={batch}, "
+            f"P={prompts}: {needed / 2**30:,.1f} GiB for them alone, {available / 2**30:,.1f} GiB available"
+        )
 
 
 def _estimated_bytes(model: nn.Module, formats: Sequence[str]) -> int:
@@ -164,6 +180,8 @@ def build_artifact(
             f"the file system has {available / 2**30:.1f} GiB"
         )
     wrapper = FullSam3PipelineWrapper(model, autocast_dtype=dtype).eval()
+    if verify is not None:
+        _check_verify_fits(wrapper, *verify)
     record_paths: dict[str, Path] = {}
     manifests: dict[str, dict[str, Any]] = {}
     programs: dict[str, torch.export.ExportedProgram] = {}

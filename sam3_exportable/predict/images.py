@@ -97,6 +97,8 @@ def _upright(img: Image.Image) -> Image.Image:
 
 def _scale_to_uint8(array: np.ndarray, what: str) -> np.ndarray:
     """Pixel values to uint8 by the rules of the module docstring."""
+    if array.size == 0:
+        raise InputSpecError(f"{what}: expected pixels, got an empty image of shape {list(array.shape)}")
     if array.dtype == np.uint8:
         return array
     if array.dtype == np.bool_:
