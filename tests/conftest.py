@@ -44,6 +44,12 @@ def tiny_ep(tiny_model: torch.nn.Module) -> torch.export.ExportedProgram:
     return export_full_pipeline(tiny_model)
 
 
+@pytest.fixture(scope="session")
+def tiny_bf16_ep(tiny_model: torch.nn.Module) -> torch.export.ExportedProgram:
+    """The tiny pipeline exported under bf16 autocast (fp32 in and out)."""
+    return export_full_pipeline(tiny_model, autocast_dtype=torch.bfloat16)
+
+
 def eager(wrapper: torch.nn.Module, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Run the eager wrapper the way the library does: inside exportable_sam3()."""
     with s3e.exportable_sam3():

@@ -105,14 +105,14 @@ def test_wrapper_rejects_bad_inputs(tiny_wrapper, images, tokens, message) -> No
         tiny_wrapper(good_images if images is None else images, good_tokens if tokens is None else tokens)
 
 
-def test_bf16_autocast_equals_its_eager_twin_with_fp32_io(tiny_model) -> None:
-    ep = export_full_pipeline(tiny_model, autocast_dtype=torch.bfloat16)
+def test_bf16_autocast_equals_its_eager_twin_with_fp32_io(tiny_model, tiny_bf16_ep) -> None:
+    ep = tiny_bf16_ep
     twin = s3e.FullSam3PipelineWrapper(tiny_model, autocast_dtype=torch.bfloat16)
     placeholders = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
     dtypes = [placeholders[name].meta["val"].dtype for name in ep.graph_signature.user_inputs]
     assert dtypes == [torch.float32, torch.int64]
     fp32 = s3e.FullSam3PipelineWrapper(tiny_model)
-    for batch, prompts in ((1, 1), (3, 2)):
+    for batch, prompts in ((1, 1), (2, 1), (3, 2)):
         inputs = example_inputs(twin, batch, prompts, seed=7)
         got = ep.module()(*inputs)
         assert all(o.dtype == torch.float32 for o in got)

@@ -114,11 +114,11 @@ def test_a_failure_half_way_through_applying_leaves_nothing(monkeypatch: pytest.
     real = engine._install
     calls: list[str] = []
 
-    def flaky(installation) -> None:
-        calls.append(installation.patch.name)
+    def flaky(state) -> None:
+        calls.append(state.target)
         if len(calls) == 3:
             raise RuntimeError("injected failure while applying")
-        real(installation)
+        real(state)
 
     monkeypatch.setattr(engine, "_install", flaky)
     with pytest.raises(RuntimeError, match="injected failure while applying"):
@@ -134,10 +134,10 @@ def test_a_failure_half_way_through_reverting_reverts_the_rest_then_retries(
     real = engine._restore
     failing = "decoder.static_rpb_feat_size"
 
-    def flaky(installation) -> None:
-        if installation.patch.name == failing:
+    def flaky(state) -> None:
+        if state.target == RPB:
             raise RuntimeError("injected failure while reverting")
-        real(installation)
+        real(state)
 
     monkeypatch.setattr(engine, "_restore", flaky)
     with pytest.raises(RuntimeError, match="injected failure while reverting"):
@@ -148,10 +148,20 @@ def test_a_failure_half_way_through_reverting_reverts_the_rest_then_retries(
         assert _patched()
 
 
-def test_two_patches_of_one_target_are_refused() -> None:
-    import dataclasses
-
-    other = dataclasses.replace(patch_by_name("decoder.static_rpb_feat_size"), name="decoder.other")
-    with PatchSession([patch_by_name("decoder.static_rpb_feat_size")]):
-        with pytest.raises(ValueError, match=r"already patched by 'decoder.static_rpb_feat_size'"):
-            PatchSession([other]).apply()
+def test_patches_of_one_target_stack_and_leave_in_any_order() -> None:
+    target = "sam3.model.model_misc.MultiheadAttentionWrapper.forward"
+    inner = PatchSession([patch_by_name("model_misc.sdpa_box_rpb_cross_attention")])  # stack_order 0
+    outer = PatchSession([patch_by_name("model_misc.contiguous_in_projection_under_autocast")])
+    original = resolve_target(target)[2]
+    outer.apply()
+    inner.apply()
+    value = resolve_target(target)[2]
+    assert value._self_sam3_exportable_patch.name == "model_misc.contiguous_in_projection_under_autocast"
+    assert value.__wrapped__._self_sam3_exportable_patch.name == "model_misc.sdpa_box_rpb_cross_attention"
+    assert s3e.original_of(value) is original
+    outer.revert()  # the outer one leaves first: the inner one stays, rebuilt on the original
+    value = resolve_target(target)[2]
+    assert value._self_sam3_exportable_patch.name == "model_misc.sdpa_box_rpb_cross_attention"
+    assert value.__wrapped__ is original
+    inner.revert()
+    assert resolve_target(target)[2] is original

@@ -37,4 +37,9 @@ def probe(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         out["encoder_without_feat_sizes"] = enc["memory"]
         ref = torch.rand(16, 3, 4, generator=g)
         out["rpb"] = model.transformer.decoder._get_rpb_matrix(ref, (torch.tensor(16), torch.tensor(16)))
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        attn = model.transformer.encoder.layers[0].cross_attn_image  # batch-first, batch 3
+        memory = torch.randn(3, 20, d, generator=g)  # seen seq-first: a (20, 3, d) view
+        queries = torch.randn(3, 5, d, generator=g)
+        out["mha_under_autocast"] = attn(queries, memory, memory)[0].float()
     return out

@@ -18,8 +18,10 @@ or not. Sessions share them through reference counts kept under one lock: the fi
 that needs a patch installs it, later ones take a reference, and the last one to leave
 reverts it, so sessions in several threads, nested sessions and sessions exited in any order
 all keep their patches for as long as they are open. A patch is never wrapped twice (two
-patches of the same name share one installation); two patches of different names on one
-target are refused.
+patches of the same name share one installation). Several patches of one target stack: the
+value installed is the original wrapped by every held patch, innermost first by
+``(stack_order, name)``, rebuilt from the original whenever the set changes, so any of them
+can leave first.
 """
 
 from __future__ import annotations
@@ -140,6 +142,8 @@ class Patch:
         fixed_upstream: optional predicate over the target's source text that returns True
             when upstream already carries the fix (reported by ``doctor``).
         package: the distribution the target belongs to, named in mismatch messages.
+        stack_order: where the patch sits among held patches of the same target (lower is
+            innermost; ties by name).
     """
 
     name: str
@@ -155,6 +159,7 @@ class Patch:
     rationale: str = ""
     fixed_upstream: Callable[[str], bool] | None = None
     package: str = "sam3"
+    stack_order: int = 0
 
     def __post_init__(self) -> None:
         if (self.wrapper is None) == (self.replacement is None):
@@ -222,39 +227,65 @@ class Patch:
 
 
 @dataclasses.dataclass
-class _Installation:
-    """One installed patch, shared by every session holding it."""
+class _Target:
+    """One patched attribute and the patches held on it, shared by every session."""
 
-    patch: Patch
+    target: str
     parent: Any
     attribute: str
     original: Any
     owned: bool  # the attribute lived in parent's own __dict__ before
-    holders: int = 0
+    patches: dict[str, Patch] = dataclasses.field(default_factory=dict)
+    holders: dict[str, int] = dataclasses.field(default_factory=dict)
+    #: names of the patches in the value set now, innermost first (empty: the original)
+    installed: tuple[str, ...] = ()
+
+    def wanted(self) -> tuple[str, ...]:
+        held = [self.patches[name] for name, count in self.holders.items() if count > 0]
+        return tuple(p.name for p in sorted(held, key=lambda p: (p.stack_order, p.name)))
 
 
-#: Guards _INSTALLED and every install/revert.
+#: Guards _TARGETS and every install/revert.
 _LOCK = threading.RLock()
-#: target -> its installation, for every patch installed in this process
-_INSTALLED: dict[str, _Installation] = {}
+#: target path -> its state, for every target patched in this process
+_TARGETS: dict[str, _Target] = {}
 
 
 def installed_patches() -> dict[str, int]:
-    """Names of the patches installed in this process now, with their holder counts."""
+    """Names of the patches installed in this process now, with their holder counts (0 for a
+    patch whose revert failed and is still in place)."""
     with _LOCK:
-        return {i.patch.name: i.holders for i in _INSTALLED.values()}
+        return {name: t.holders.get(name, 0) for t in _TARGETS.values() for name in t.installed}
 
 
-def _install(installation: _Installation) -> None:
-    patch = installation.patch
-    setattr(installation.parent, installation.attribute, patch.build(installation.original))
+def _install(t: _Target) -> None:
+    """Set the original wrapped by every wanted patch, innermost first."""
+    value = t.original
+    for name in t.wanted():
+        value = t.patches[name].build(value)
+    setattr(t.parent, t.attribute, value)
 
 
-def _restore(installation: _Installation) -> None:
-    if installation.owned:
-        setattr(installation.parent, installation.attribute, installation.original)
+def _restore(t: _Target) -> None:
+    if t.owned:
+        setattr(t.parent, t.attribute, t.original)
     else:
-        delattr(installation.parent, installation.attribute)
+        delattr(t.parent, t.attribute)
+
+
+def _settle(t: _Target) -> None:
+    """Make the attribute hold what the held patches ask for; forget an unpatched target.
+    On failure the attribute keeps its previous value and ``installed`` says so."""
+    wanted = t.wanted()
+    if wanted == t.installed:
+        return
+    if wanted:
+        _install(t)
+    else:
+        _restore(t)
+    t.installed = wanted
+    if not wanted:
+        _TARGETS.pop(t.target, None)
 
 
 class PatchSession:
@@ -276,20 +307,20 @@ class PatchSession:
         unknown = self.skip_mismatched - set(names)
         if unknown:
             raise ValueError(f"skip_mismatched: unknown patch names {sorted(unknown)}; known: {names}")
-        # (installation, installed by this session), in the order taken
-        self._held: list[tuple[_Installation, bool]] = []
+        # (target state, patch name, installed by this session), in the order taken
+        self._held: list[tuple[_Target, str, bool]] = []
         self.skipped: list[str] = []
 
     @property
     def active(self) -> tuple[str, ...]:
         """Names of the patches this session installed itself, in order."""
-        return tuple(i.patch.name for i, own in self._held if own)
+        return tuple(name for _, name, own in self._held if own)
 
     @property
     def held(self) -> tuple[str, ...]:
         """Names of every patch in effect for this session (installed by it or shared with
         another session), in order: what an artifact exported inside it was built with."""
-        return tuple(i.patch.name for i, _ in self._held)
+        return tuple(name for _, name, _ in self._held)
 
     def apply(self) -> None:
         with _LOCK:
@@ -299,9 +330,9 @@ class PatchSession:
             to_apply: list[Patch] = []
             self.skipped = []
             for patch in self.patches:
-                shared = _INSTALLED.get(patch.target)
+                state = _TARGETS.get(patch.target)
                 try:
-                    if shared is None or shared.patch.name != patch.name:
+                    if state is None or patch.name not in state.installed:
                         patch.check()
                 except UpstreamMismatchError:
                     if patch.name not in self.skip_mismatched:
@@ -309,11 +340,6 @@ class PatchSession:
                     log.warning("sam3_exportable: skipping mismatched patch %s", patch.name)
                     self.skipped.append(patch.name)
                     continue
-                if shared is not None and shared.patch.name != patch.name:
-                    raise ValueError(
-                        f"patch {patch.name!r}: {patch.target} is already patched by "
-                        f"{shared.patch.name!r}; two patches of one target cannot be combined"
-                    )
                 to_apply.append(patch)
             try:
                 for patch in to_apply:
@@ -324,42 +350,42 @@ class PatchSession:
 
     def _apply_one(self, patch: Patch) -> None:
         """Take ``patch``: share its installation, or install it (caller holds the lock)."""
-        shared = _INSTALLED.get(patch.target)
-        if shared is not None:
-            shared.holders += 1
-            self._held.append((shared, False))
-            return
-        parent, attribute, current = patch.resolve()
-        owned = attribute in vars(parent) if inspect.isclass(parent) else True
-        installation = _Installation(patch, parent, attribute, current, owned)
-        _install(installation)
-        installation.holders = 1
-        _INSTALLED[patch.target] = installation
-        self._held.append((installation, True))
-        log.debug("sam3_exportable: applied %s to %s", patch.name, patch.target)
+        state = _TARGETS.get(patch.target)
+        if state is None:
+            parent, attribute, current = patch.resolve()
+            owned = attribute in vars(parent) if inspect.isclass(parent) else True
+            state = _TARGETS[patch.target] = _Target(patch.target, parent, attribute, current, owned)
+        own = state.holders.get(patch.name, 0) == 0 and patch.name not in state.installed
+        state.patches.setdefault(patch.name, patch)
+        state.holders[patch.name] = state.holders.get(patch.name, 0) + 1
+        try:
+            _settle(state)
+        except BaseException:
+            state.holders[patch.name] -= 1
+            if not state.installed and not state.wanted():
+                _TARGETS.pop(patch.target, None)
+            raise
+        self._held.append((state, patch.name, own))
+        log.debug("sam3_exportable: holding %s on %s", patch.name, patch.target)
 
     def _release_all(self) -> None:
         errors: list[BaseException] = []
         while self._held:
-            installation, _ = self._held.pop()
-            installation.holders -= 1
-            if installation.holders > 0:
-                continue
+            state, name, _ = self._held.pop()
+            state.holders[name] -= 1
             try:
-                _restore(installation)
+                _settle(state)
             except BaseException as exc:  # keep reverting the rest; a later release retries it
-                installation.holders = 0
                 errors.append(exc)
-                continue
-            _INSTALLED.pop(installation.patch.target, None)
         if errors:
             raise errors[0]
 
     def revert(self) -> None:
         """Release every patch this session holds, in reverse order; the last holder of a
         patch reverts it. Safe to call more than once. If restoring one attribute fails, the
-        rest are still released and the first error is raised; that patch stays installed
-        (with no holder) and the next session to release it tries again."""
+        rest are still released and the first error is raised; that attribute keeps its
+        patched value (``installed_patches`` shows it with no holder) and the next session
+        that takes or releases a patch of it settles it again."""
         with _LOCK:
             self._release_all()
 

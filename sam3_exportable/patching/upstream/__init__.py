@@ -20,6 +20,7 @@ ALL_PATCHES: tuple[Patch, ...] = (
     encoder.FEAT_SIZES_DIM_CHECK,
     geometry_encoders.BATCHED_ROI_ALIGN,
     model_misc.SDPA_BOX_RPB_CROSS_ATTENTION,
+    model_misc.CONTIGUOUS_IN_PROJECTION_UNDER_AUTOCAST,
 )
 
 __all__ = ["ALL_PATCHES"]
