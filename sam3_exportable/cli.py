@@ -81,6 +81,8 @@ def export_command(args: argparse.Namespace) -> int:
     formats = [args.format] + (["aoti"] if args.aoti else [])
     if args.aoti and args.format != "pt2":
         raise InputSpecError("--aoti: compiles the .pt2 program; use it with --format pt2")
+    if args.quantize and args.format != "onnx":
+        raise InputSpecError("--quantize: quantizes the ONNX graph; use it with --format onnx")
     stages = Stages.printing()
     record = build_artifact(
         args.out,
@@ -92,6 +94,7 @@ def export_command(args: argparse.Namespace) -> int:
         autocast=args.autocast,
         verify=args.verify,
         force=args.force,
+        quantize=args.quantize,
         stages=stages,
     )
     status = 0
@@ -101,6 +104,9 @@ def export_command(args: argparse.Namespace) -> int:
         if kind == "pt2":
             same = all(parity["bitwise"].values())
             print(f"  verify: exported {'==' if same else 'differs from'} eager{', bitwise' if same else ''}")
+        elif kind == "onnx-int8":
+            same = True  # approximate by design: reported, never a failure
+            print(f"  verify: int8 keeps the same instances as eager: {same_instances(parity)}")
         else:
             same = same_instances(parity)
             print(f"  verify: {kind} keeps the same instances as eager: {same}")
@@ -151,6 +157,47 @@ def predict_command(args: argparse.Namespace) -> int:
         print(f"  overlay: {out / entry['overlay']}")
     print(f"results: {out / 'results.json'}")
     print(stages.summary())
+    return 0
+
+
+def verify_command(args: argparse.Namespace) -> int:
+    from .predict.compare import compare_artifacts
+    from .tokenizer import validate_phrases
+    from .verify import format_parity, same_instances
+
+    _set_threads(args.threads)
+    phrases = validate_phrases(args.prompt or [])
+    report = compare_artifacts(
+        args.reference,
+        args.candidate,
+        args.image,
+        phrases,
+        threshold=args.threshold,
+        max_pixels=args.max_pixels,
+    )
+    kinds = f"{report['reference_kind']} vs {report['candidate_kind']}"
+    shape = f"{report['images']} image(s) x {len(phrases)} phrase(s)"
+    print(f"{args.candidate} against {args.reference} ({kinds}), {shape}")
+    for line in format_parity(report["parity"]):
+        print(f"  {line}")
+    kept = report["kept"]
+    print(
+        f"  kept at {args.threshold}: {kept['reference']} by the reference, {kept['candidate']} by the "
+        f"candidate, {kept['both']} by both (their mask IoU: mean {kept['mean_iou']:.4f}, "
+        f"min {kept['min_iou']:.4f})"
+    )
+    same = same_instances(report["parity"])
+    print(f"verify: the candidate keeps the same instances as the reference: {same}")
+    return 0 if same else 1
+
+
+def tokenize_command(args: argparse.Namespace) -> int:
+    import json
+
+    from .tokenizer import Tokenizer
+
+    ids = Tokenizer(args.context_length)(args.prompt or [])
+    print(json.dumps({"context_length": args.context_length, "token_ids": ids.tolist()}))
     return 0
 
 
@@ -250,6 +297,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also compile an AOTInductor package <out>.aoti.pt2 from the same program (minutes)",
     )
+    exp.add_argument(
+        "--quantize",
+        choices=["int8"],
+        help="with --format onnx: also write <stem>.int8.onnx, onnxruntime's dynamic int8 "
+        "quantization of the MatMul/Gemm weights (validate it on your images: see 'verify')",
+    )
     exp.add_argument("--force", action="store_true", help="overwrite an existing --out")
     exp.add_argument("--threads", type=_positive_int, help="torch threads (default: torch's)")
     _add_malloc_argument(exp)
@@ -288,6 +341,25 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--force", action="store_true", help="start over, replacing OUT/results.json")
     _add_malloc_argument(bench, "of every job's process; eager at (1,1) also runs under 'default'")
     bench.set_defaults(func=bench_command)
+
+    ver = sub.add_parser("verify", help="compare two artifacts (e.g. int8 vs fp32) on your images")
+    ver.add_argument(
+        "--reference", required=True, type=Path, help="the artifact to trust (e.g. the fp32 one)"
+    )
+    ver.add_argument("--candidate", required=True, type=Path, help="the artifact to check (e.g. int8)")
+    ver.add_argument("--image", required=True, action="append", type=Path, help="repeatable")
+    ver.add_argument("--prompt", action="append", help="a phrase, e.g. 'a dog'; repeatable")
+    ver.add_argument("--threshold", type=_threshold, default=0.5)
+    ver.add_argument("--max-pixels", type=_positive_int, default=DEFAULT_MAX_PIXELS)
+    ver.add_argument("--threads", type=_positive_int, help="threads of both runtimes (default: torch's)")
+    ver.set_defaults(func=verify_command)
+
+    tok = sub.add_parser(
+        "tokenize", help="print upstream's token ids of phrases as JSON (for other runtimes)"
+    )
+    tok.add_argument("--prompt", action="append", help="a phrase, e.g. 'a dog'; repeatable")
+    tok.add_argument("--context-length", type=_positive_int, default=32, help="the artifact's (manifest)")
+    tok.set_defaults(func=tokenize_command)
 
     doc = sub.add_parser("doctor", help="report each patch for the installed torch and sam3")
     doc.set_defaults(func=doctor_command)

@@ -19,7 +19,14 @@ import torch
 
 from .contract import OUTPUT_NAMES, pair_scores
 
-__all__ = ["compare_parity", "exceeded_bounds", "format_parity", "kept_instances", "same_instances"]
+__all__ = [
+    "combine_parity",
+    "compare_parity",
+    "exceeded_bounds",
+    "format_parity",
+    "kept_instances",
+    "same_instances",
+]
 
 
 def kept_instances(outputs: Sequence[torch.Tensor], threshold: float | Sequence[float]) -> list[list[int]]:
@@ -62,6 +69,26 @@ def compare_parity(
             kept += len(ref_keep)
             pixels += int(((reference[2][i, ref_keep] > 0) != (other[2][i, ref_keep] > 0)).sum())
         out[f"kept_at_{label}"] = {"identical": same, "kept": kept, "mask_pixels_differing": pixels}
+    return out
+
+
+def combine_parity(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One :func:`compare_parity` result for several calls (images compared one at a time):
+    the largest difference, bitwise only if every part is, instances identical only if in
+    every part, counts summed. ``kept_at_top<k>`` checks are combined by position."""
+    if not parts:
+        raise ValueError("combine_parity: expected at least one result, got none")
+    out: dict[str, Any] = {
+        "max_abs_diff": {n: max(p["max_abs_diff"][n] for p in parts) for n in OUTPUT_NAMES},
+        "bitwise": {n: all(p["bitwise"][n] for p in parts) for n in OUTPUT_NAMES},
+    }
+    for key in (k for k in parts[0] if k.startswith("kept_at_")):
+        checks = [p[key] for p in parts]
+        out[key] = {
+            "identical": all(c["identical"] for c in checks),
+            "kept": sum(c["kept"] for c in checks),
+            "mask_pixels_differing": sum(c["mask_pixels_differing"] for c in checks),
+        }
     return out
 
 

@@ -40,7 +40,8 @@ def test_every_patch_is_declared() -> None:
 
 
 def test_patches_active_inside_and_originals_restored_on_exit() -> None:
-    with s3e.exportable_sam3(include="model_misc.sdpa_box_rpb_cross_attention") as session:
+    opt_in = ["model_misc.sdpa_box_rpb_cross_attention", "geometry_encoders.empty_first_sequence"]
+    with s3e.exportable_sam3(include=opt_in) as session:
         assert set(session.active) == {p.name for p in ALL_PATCHES}
         for p in ALL_PATCHES:
             value = resolve_target(p.target)[2]
@@ -148,6 +149,9 @@ def test_selection_by_context_and_names() -> None:
     build_only = {"position_encoding.precompute_on_available_device", "decoder.coords_on_available_device"}
     assert build_only <= cpu_names and not build_only & gpu_names
     assert "model_misc.sdpa_box_rpb_cross_attention" not in cpu_names
+    onnx = dataclasses.replace(cpu, export_target="onnx")
+    onnx_only = {p.name for p in select_patches(context=onnx)} - cpu_names
+    assert onnx_only == {"geometry_encoders.empty_first_sequence"}
     assert [p.name for p in select_patches(only=["decoder.static_rpb_feat_size"])] == [
         "decoder.static_rpb_feat_size"
     ]

@@ -48,16 +48,16 @@ def test_every_default_patch_has_a_diff_and_each_diff_applies(tmp_path: Path) ->
 
 
 def _function_source(path: Path, dotted: str) -> str:
-    """Source of ``Class.method`` in a file, the way inspect.getsource + dedent gives it."""
+    """Source of ``Class.method`` or ``function`` in a file, as inspect.getsource + dedent gives it."""
     lines = path.read_text().splitlines(keepends=True)
-    cls_name, func_name = dotted.split(".")
+    *cls_name, func_name = dotted.split(".")
     tree = ast.parse("".join(lines))
-    for node in tree.body:
-        if isinstance(node, ast.ClassDef) and node.name == cls_name:
-            for item in node.body:
-                if isinstance(item, ast.FunctionDef) and item.name == func_name:
-                    start = min([d.lineno for d in item.decorator_list] + [item.lineno]) - 1
-                    return textwrap.dedent("".join(lines[start : item.end_lineno]))
+    scopes = [n.body for n in tree.body if isinstance(n, ast.ClassDef) and [n.name] == cls_name]
+    for body in scopes if cls_name else [tree.body]:
+        for item in body:
+            if isinstance(item, ast.FunctionDef) and item.name == func_name:
+                start = min([d.lineno for d in item.decorator_list] + [item.lineno]) - 1
+                return textwrap.dedent("".join(lines[start : item.end_lineno]))
     raise LookupError(f"{dotted} not in {path}")
 
 

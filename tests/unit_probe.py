@@ -37,6 +37,13 @@ def probe(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         out["encoder_without_feat_sizes"] = enc["memory"]
         ref = torch.rand(16, 3, 4, generator=g)
         out["rpb"] = model.transformer.decoder._get_rpb_matrix(ref, (torch.tensor(16), torch.tensor(16)))
+        from sam3.model.geometry_encoders import concat_padded_sequences
+
+        seq2 = torch.randn(6, 3, d, generator=g)
+        mask2 = torch.arange(6)[None].repeat(3, 1) >= torch.tensor([[6], [2], [4]])
+        empty, empty_mask = torch.zeros(0, 3, d), torch.zeros(3, 0, dtype=torch.bool)
+        seq, mask = concat_padded_sequences(empty, empty_mask, seq2, mask2)
+        out["concat_after_empty"], out["concat_after_empty_mask"] = seq, mask
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         attn = model.transformer.encoder.layers[0].cross_attn_image  # batch-first, batch 3
         memory = torch.randn(3, 20, d, generator=g)  # seen seq-first: a (20, 3, d) view

@@ -175,6 +175,7 @@ class Staging:
     def __init__(self, *, force: bool = False) -> None:
         self.force = force
         self._staged: list[tuple[Path, Path]] = []
+        self._new: list[Path] = []
         self.committed = False
 
     def file(self, target: str | os.PathLike[str], *, suffix: str = ".tmp") -> Path:
@@ -190,7 +191,20 @@ class Staging:
         self._staged.append((tmp, target))
         return tmp
 
+    def new_file(self, target: str | os.PathLike[str]) -> Path:
+        """Reserve a file that is written at its final path, which must not exist (a name no
+        other file uses, like an artifact's own external-data file): it is deleted unless
+        committed, and kept as it is by :meth:`commit`."""
+        target = Path(target)
+        if target.exists():
+            raise OutputExistsError(f"{target}: exists; expected a new file name")
+        self._new.append(target)
+        return target
+
     def commit(self) -> None:
+        for path in self._new:
+            if path.exists():
+                _give_umask_permissions(path)
         for tmp, target in self._staged:
             if target.exists() and not self.force:
                 raise OutputExistsError(f"{target}: appeared while writing; pass --force to overwrite")
@@ -206,6 +220,10 @@ class Staging:
         for tmp, _ in self._staged:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
+        if not self.committed:
+            for path in self._new:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
 
     def __enter__(self) -> Staging:
         return self

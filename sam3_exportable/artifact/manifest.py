@@ -66,6 +66,7 @@ __all__ = [
     "FORMAT_VERSION",
     "KINDS",
     "Provenance",
+    "derive_manifest",
     "describe_program",
     "finish",
     "manifest_path",
@@ -248,6 +249,19 @@ def describe_program(
         doc["source"] = {"kind": inherit.get("kind"), "artifact_id": inherit["artifact_id"]}
     doc.update(extra or {})
     return doc
+
+
+def derive_manifest(source: dict[str, Any], *, extra: dict[str, Any]) -> dict[str, Any]:
+    """The manifest of an artifact made from the artifact ``source`` describes (the same
+    program, transformed: a quantized ONNX graph), without the file keys; ``extra`` last."""
+    keep = {k: v for k, v in source.items() if k not in (*FILE_KEYS, "data_files", "artifact_id", "created")}
+    return {
+        **keep,
+        "artifact_id": uuid.uuid4().hex,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "source": {"artifact": source.get("artifact"), "sha256": source.get("sha256")},
+        **extra,
+    }
 
 
 # --------------------------------------------------------------------------- writing

@@ -76,7 +76,9 @@ def machine_info() -> dict[str, Any]:
 def capability_line(machine: dict[str, Any]) -> str:
     """One line for reports: CPU, torch capability, bf16 flags, threads."""
     flags = machine.get("cpu_flags", {})
-    shown = ", ".join(f for f in ("avx512_bf16", "amx_bf16", "avx512_vnni") if isinstance(flags, dict) and flags.get(f))
+    shown = ", ".join(
+        f for f in ("avx512_bf16", "amx_bf16", "avx512_vnni") if isinstance(flags, dict) and flags.get(f)
+    )
     native = "native bf16" if machine.get("bf16_native") else "bf16 emulated (no avx512_bf16/amx_bf16)"
     return (
         f"{machine.get('cpu_model', 'CPU')}, torch CPU capability {machine.get('torch_cpu_capability')}, "

@@ -9,8 +9,8 @@ from typing import Any
 import torch
 
 __all__ = [
-    "AOTI_COMPILE",
     "ALLOCATOR_BASELINE",
+    "AOTI_COMPILE",
     "IMPORTS",
     "MATMUL_PEAK",
     "PROFILE_LOAD",
@@ -194,7 +194,9 @@ def plan_for(
             load_runs=1 if quick else 3,
             matmul_n=1024 if quick else 2048,
             matmul_runs=3,
-            profiles=[] if quick else [("exported", 1, 1), ("exported", 2, 1), ("bf16", 1, 1), ("bf16", 2, 1)],
+            profiles=[]
+            if quick
+            else [("exported", 1, 1), ("exported", 2, 1), ("bf16", 1, 1), ("bf16", 2, 1)],
         )
     return BenchPlan(
         **common,

@@ -31,8 +31,8 @@ from ..artifact.manifest import versions_record
 from ..errors import OutputExistsError
 from .host import machine_info
 from .plan import (
-    AOTI_COMPILE,
     ALLOCATOR_BASELINE,
+    AOTI_COMPILE,
     IMPORTS,
     MATMUL_PEAK,
     PROFILE_LOAD,
@@ -167,7 +167,12 @@ class BenchRun:
         start = time.perf_counter()
         self.job(
             MATMUL_PEAK,
-            {"job": "matmul_peak", "n": plan.matmul_n, "runs": plan.matmul_runs, "dtypes": ["float32", "bfloat16"]},
+            {
+                "job": "matmul_peak",
+                "n": plan.matmul_n,
+                "runs": plan.matmul_runs,
+                "dtypes": ["float32", "bfloat16"],
+            },
         )
         self._import_torch()
         autocasts = {spec["autocast"] for v, spec in VARIANTS.items() if spec and v in plan.matrix} - {"none"}
@@ -226,7 +231,9 @@ class BenchRun:
                     "warmup": warmup,
                     "runs": runs,
                     "count_flops": count,
-                    "save_outputs": str(self.artifact(outputs_name(variant, b, p))) if (b, p) == (1, 1) else None,
+                    "save_outputs": str(self.artifact(outputs_name(variant, b, p)))
+                    if (b, p) == (1, 1)
+                    else None,
                 }
                 reduced = variant == "bf16" and (warmup, runs) != (plan.warmup, plan.runs)
                 self.job(key, spec, timeout_s=plan.bf16_cap_s + 180 if reduced else None)
@@ -259,7 +266,9 @@ class BenchRun:
         ``bf16_cap_s``; then one cold run, or none (recorded in ``bf16_reduced``)."""
         plan = self.plan
         peaks = self.jobs.get(MATMUL_PEAK, {})
-        reference = self.jobs.get(latency_key("eager", b, p)) or self.jobs.get(latency_key("exported", b, p)) or {}
+        reference = (
+            self.jobs.get(latency_key("eager", b, p)) or self.jobs.get(latency_key("exported", b, p)) or {}
+        )
         try:
             slowdown = statistics.median(peaks["float32"]["gflops"]) / statistics.median(
                 peaks["bfloat16"]["gflops"]
@@ -279,7 +288,9 @@ class BenchRun:
             return plan.warmup, plan.runs
         self.doc.setdefault("bf16_reduced", []).append(note)
         if predicted <= plan.bf16_cap_s:
-            self.log(f"[{latency_key('bf16', b, p)}] one cold run only: predicted {predicted:.0f} s per forward")
+            self.log(
+                f"[{latency_key('bf16', b, p)}] one cold run only: predicted {predicted:.0f} s per forward"
+            )
             return 0, 1
         self.log(f"[{latency_key('bf16', b, p)}] skipped: predicted {predicted:.0f} s per forward")
         return 0, 0
@@ -319,7 +330,9 @@ class BenchRun:
             if key not in self.jobs:
                 predicted = self._predict_seconds(b, p) * (plan.scaling_warmup + plan.scaling_runs) + 30
                 if predicted > budget:
-                    skipped.append({"shape": [b, p], "predicted_s": round(predicted, 1), "budget_left_s": budget})
+                    skipped.append(
+                        {"shape": [b, p], "predicted_s": round(predicted, 1), "budget_left_s": budget}
+                    )
                     self.log(f"[{key}] skipped: predicted {predicted:.0f} s > budget left {budget:.0f} s")
                     continue
             spec = {

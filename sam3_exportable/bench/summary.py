@@ -16,8 +16,8 @@ import torch
 
 from ..verify import compare_parity
 from .plan import (
-    AOTI_COMPILE,
     ALLOCATOR_BASELINE,
+    AOTI_COMPILE,
     IMPORTS,
     MATMUL_PEAK,
     BenchPlan,
@@ -49,7 +49,9 @@ def _ok(res: Any) -> bool:
 def matmul_peaks(jobs: dict[str, Any]) -> dict[str, Any]:
     peaks = jobs.get(MATMUL_PEAK, {})
     return {
-        key: stat(peaks[dt]["gflops"]) for key, dt in (("fp32", "float32"), ("bf16", "bfloat16")) if dt in peaks
+        key: stat(peaks[dt]["gflops"])
+        for key, dt in (("fp32", "float32"), ("bf16", "bfloat16"))
+        if dt in peaks
     }
 
 
@@ -250,7 +252,14 @@ def targets(doc: dict[str, Any], plan: BenchPlan) -> list[dict[str, Any]]:
     p32 = next((pt for pt in doc["scaling"]["prompts_at_B1"] if pt["P"] == 32), None)
     # (name, comparison, bound as written in the issue, measured value, unit, applies to)
     specs: list[tuple[str, str, str, float | None, str, str]] = [
-        (f"exported latency / eager at ({b},{p})", "<=", "1.00", field("exported", b, p, "ratio_to_eager"), "x", _ALL_HOSTS)
+        (
+            f"exported latency / eager at ({b},{p})",
+            "<=",
+            "1.00",
+            field("exported", b, p, "ratio_to_eager"),
+            "x",
+            _ALL_HOSTS,
+        )
         for b, p in plan.matrix.get("eager", [])
         if (b, p) in plan.matrix.get("exported", [])
     ]
@@ -258,15 +267,64 @@ def targets(doc: dict[str, Any], plan: BenchPlan) -> list[dict[str, Any]]:
         for b, bound in ((2, "2.05"), (4, "4.1")):
             if (b, 1) in plan.matrix.get(variant, []):
                 specs.append(
-                    (f"{variant} time(B={b}) / time(B=1), P=1", "<=", bound, field(variant, b, 1, "ratio_to_B1"), "x", hosts)
+                    (
+                        f"{variant} time(B={b}) / time(B=1), P=1",
+                        "<=",
+                        bound,
+                        field(variant, b, 1, "ratio_to_B1"),
+                        "x",
+                        hosts,
+                    )
                 )
     specs += [
-        ("bf16 .pt2 speed-up over fp32 eager at (1,1)", ">=", "2.5", field("bf16", 1, 1, "speedup_vs_eager"), "x", _BF16_HOSTS),
-        ("bf16 .pt2 forward, fraction of the bf16 matmul peak at (1,1)", ">=", "0.75", field("bf16", 1, 1, "fraction_of_matmul_peak"), "", _BF16_HOSTS),
-        ("exported .pt2 forward, fraction of the fp32 matmul peak at (1,1)", ">=", "0.75", field("exported", 1, 1, "fraction_of_matmul_peak"), "", _ALL_HOSTS),
-        ("AOTInductor speed-up over eager at (1,1)", ">=", "1.1", field("aoti", 1, 1, "speedup_vs_eager"), "x", _ALL_HOSTS),
-        ("AOTInductor compile time", "<", "360", aoti["compile_s"]["median"] if "compile_s" in aoti else None, "s", _ALL_HOSTS),
-        ("fresh-process load of the .pt2 (load_pipeline)", "<=", "10", load and load["seconds"]["median"], "s", _ALL_HOSTS),
+        (
+            "bf16 .pt2 speed-up over fp32 eager at (1,1)",
+            ">=",
+            "2.5",
+            field("bf16", 1, 1, "speedup_vs_eager"),
+            "x",
+            _BF16_HOSTS,
+        ),
+        (
+            "bf16 .pt2 forward, fraction of the bf16 matmul peak at (1,1)",
+            ">=",
+            "0.75",
+            field("bf16", 1, 1, "fraction_of_matmul_peak"),
+            "",
+            _BF16_HOSTS,
+        ),
+        (
+            "exported .pt2 forward, fraction of the fp32 matmul peak at (1,1)",
+            ">=",
+            "0.75",
+            field("exported", 1, 1, "fraction_of_matmul_peak"),
+            "",
+            _ALL_HOSTS,
+        ),
+        (
+            "AOTInductor speed-up over eager at (1,1)",
+            ">=",
+            "1.1",
+            field("aoti", 1, 1, "speedup_vs_eager"),
+            "x",
+            _ALL_HOSTS,
+        ),
+        (
+            "AOTInductor compile time",
+            "<",
+            "360",
+            aoti["compile_s"]["median"] if "compile_s" in aoti else None,
+            "s",
+            _ALL_HOSTS,
+        ),
+        (
+            "fresh-process load of the .pt2 (load_pipeline)",
+            "<=",
+            "10",
+            load and load["seconds"]["median"],
+            "s",
+            _ALL_HOSTS,
+        ),
         ("peak RSS at B=1, P=32", "<=", "16", p32 and p32["peak_rss_gib"]["max"], "GiB", _ALL_HOSTS),
     ]
     native = bool(doc.get("machine", {}).get("bf16_native"))
@@ -289,9 +347,7 @@ def targets(doc: dict[str, Any], plan: BenchPlan) -> list[dict[str, Any]]:
     return out
 
 
-def summarize(
-    doc: dict[str, Any], plan: BenchPlan, read_outputs: OutputsReader
-) -> dict[str, Any]:
+def summarize(doc: dict[str, Any], plan: BenchPlan, read_outputs: OutputsReader) -> dict[str, Any]:
     """Fill every summary section of ``doc`` (a results document with ``jobs``); return it."""
     jobs = doc["jobs"]
     doc["matmul_peak_gflops"] = matmul_peaks(jobs)

@@ -62,11 +62,12 @@ class BuildRecord:
     @property
     def verified(self) -> bool:
         """True unless a verified ``.pt2`` differs from eager or another kind keeps other
-        instances (trivially True without ``verify``)."""
+        instances (trivially True without ``verify``; an int8 graph is compared but, its
+        numbers being approximate by design, never decides)."""
         for kind, parity in self.parity.items():
             if kind == "pt2" and not all(parity["bitwise"].values()):
                 return False
-            if kind != "pt2" and not same_instances(parity):
+            if kind not in ("pt2", "onnx-int8") and not same_instances(parity):
                 return False
         return True
 
@@ -101,6 +102,11 @@ def _check_verify_fits(wrapper: FullSam3PipelineWrapper, batch: int, prompts: in
         )
 
 
+def _onnx_sizes(manifest: dict[str, Any]) -> str:
+    data = sum(f["size_bytes"] for f in manifest.get("data_files", []))
+    return f"graph {manifest['size_bytes'] / 2**20:,.1f} MiB + weights {data / 2**20:,.0f} MiB"
+
+
 def _estimated_bytes(model: nn.Module, formats: Sequence[str]) -> int:
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     return int(weights * len(formats) * 1.05)
@@ -120,6 +126,7 @@ def build_artifact(
     force: bool = False,
     inductor_configs: dict[str, Any] | None = None,
     onnx_options: dict[str, Any] | None = None,
+    quantize: str | None = None,
     stages: Stages | None = None,
 ) -> BuildRecord:
     """Build (or take ``model``), export, audit, save every kind of ``formats``, verify.
@@ -136,6 +143,9 @@ def build_artifact(
         inductor_configs: AOTInductor options (default
             :data:`..artifact.aoti.DEFAULT_INDUCTOR_CONFIGS`).
         onnx_options: keyword arguments for :func:`..artifact.onnx.export_onnx`.
+        quantize: ``"int8"``: also write the dynamic-int8 quantization of the ONNX graph
+            (:func:`..artifact.onnx.quantize_onnx`) as kind ``onnx-int8`` of the record,
+            at ``<stem>.int8.onnx``.
         stages: where stage timings are reported (default: silently).
 
     Every output path is checked (writable, not a directory, not existing unless ``force``)
@@ -152,9 +162,17 @@ def build_artifact(
         raise InputSpecError("formats: 'aoti' is compiled from the .pt2 program; ask for 'pt2' too")
     if autocast not in AUTOCAST:
         raise InputSpecError(f"autocast: expected one of {sorted(AUTOCAST)}, got {autocast!r}")
+    if quantize not in (None, "int8"):
+        raise InputSpecError(f"quantize: expected None or 'int8', got {quantize!r}")
+    if quantize and "onnx" not in formats:
+        raise InputSpecError("quantize: int8 quantizes the ONNX graph; ask for the 'onnx' format too")
     if verify is not None and (len(verify) != 2 or min(verify) < 1):
         raise InputSpecError(f"verify: expected (B, P) with B >= 1 and P >= 1, got {verify}")
     paths = artifact_paths(out, formats)
+    if quantize:
+        from ..artifact.onnx import int8_path_for
+
+        paths["onnx-int8"] = int8_path_for(paths["onnx"])
     for kind, path in paths.items():
         check_output_file(path, force=force, what=f"--out ({kind})")
         if not force and manifest_path(path).exists():
@@ -223,10 +241,17 @@ def build_artifact(
                 programs["onnx"], paths["onnx"], force=force, **(onnx_options or {})
             )
             record_paths["onnx"] = paths["onnx"]
-            total = manifests["onnx"]["size_bytes"] + sum(
-                f["size_bytes"] for f in manifests["onnx"].get("data_files", [])
+            stages.note(_onnx_sizes(manifests["onnx"]))
+            stages.note(
+                "audit: inputs keep 'batch' and 'num_prompts', outputs 'batch*num_prompts'; no empty value"
             )
-            stages.note(f"{total / 2**20:,.0f} MiB with external data")
+        if quantize:
+            from ..artifact.onnx import quantize_onnx
+
+            with stages.stage("quantize", f"int8 weights of MatMul/Gemm {paths['onnx-int8']}"):
+                manifests["onnx-int8"] = quantize_onnx(paths["onnx"], paths["onnx-int8"], force=force)
+                record_paths["onnx-int8"] = paths["onnx-int8"]
+                stages.note(_onnx_sizes(manifests["onnx-int8"]))
     parity: dict[str, dict[str, Any]] = {}
     if verify is not None:
         b, p = verify

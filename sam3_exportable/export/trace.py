@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import sympy
 import torch
@@ -168,7 +169,9 @@ def export_full_pipeline(
     Traces with ``example_batch`` x ``example_prompts`` (both >= 2, so no branch on size 1
     is taken), then runs :func:`audit_dynamic_shapes`. ``patches`` is passed on to
     :func:`exportable_sam3` (``only``/``exclude``/``include``); ``target`` (``"pt2"`` or
-    ``"onnx"``) selects the patch set for where the program goes next. The program carries
+    ``"onnx"``) selects the patch set for where the program goes next (for ONNX the
+    parameters are also traced as not requiring grad, see :func:`_parameters_frozen`). The
+    program carries
     its provenance (the model's :class:`~.builders.BuildInfo`, the patches the session held,
     the audit, the autocast dtype) for :func:`~..artifact.pt2.save_pipeline` and the other
     writers to record. Raises ``ValueError`` for example sizes below 2 and
@@ -193,7 +196,8 @@ def export_full_pipeline(
     wrapper = FullSam3PipelineWrapper(model, autocast_dtype=autocast_dtype).eval()
     args = example_inputs(wrapper, example_batch, example_prompts)
     dynamic_shapes = tuple({dim: Dim(name, min=1)} for _, dim, name in DYNAMIC_DIMS)
-    with exportable_sam3(target=target, **(patches or {})) as session:  # type: ignore[arg-type]
+    frozen = _parameters_frozen(model) if target == "onnx" else contextlib.nullcontext()
+    with frozen, exportable_sam3(target=target, **(patches or {})) as session:  # type: ignore[arg-type]
         ep = torch.export.export(wrapper, args, dynamic_shapes=dynamic_shapes, strict=False)
         held = session.held
     report = audit_dynamic_shapes(ep) if audit else None
@@ -208,6 +212,25 @@ def export_full_pipeline(
         ),
     )
     return ep
+
+
+@contextlib.contextmanager
+def _parameters_frozen(model: nn.Module) -> Iterator[None]:
+    """Trace with parameters that do not require grad, then restore each one's flag.
+
+    For ONNX: with grad-requiring parameters, torch.onnx's type-promotion pass re-runs the
+    graph's ``no_grad`` region on its own and fails on SDPA's output strides ("Cannot view a
+    tensor with shape [17, s34*s69, 4, 16] ..."). Values are the same (eager outputs and the
+    program's are bitwise equal either way).
+    """
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 #: How manifests and the command line name autocast dtypes.

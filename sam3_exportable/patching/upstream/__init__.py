@@ -19,6 +19,7 @@ ALL_PATCHES: tuple[Patch, ...] = (
     decoder.STATIC_RPB_FEAT_SIZE,
     encoder.FEAT_SIZES_DIM_CHECK,
     geometry_encoders.BATCHED_ROI_ALIGN,
+    geometry_encoders.EMPTY_FIRST_SEQUENCE,
     model_misc.SDPA_BOX_RPB_CROSS_ATTENTION,
     model_misc.CONTIGUOUS_IN_PROJECTION_UNDER_AUTOCAST,
 )
