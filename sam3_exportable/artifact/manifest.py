@@ -89,6 +89,8 @@ KINDS = ("pt2", "aoti", "onnx")
 LEGACY_FORMATS = {"sam3-exportable/pt2": "pt2", "sam3-exportable/aoti": "aoti"}
 #: Name of the manifest record inside pt2 archives (under ``<archive>/extra/``).
 EMBEDDED_NAME = "sam3_exportable_manifest.json"
+#: The ``metadata_props`` key under which an ``.onnx`` graph carries its manifest.
+ONNX_METADATA_KEY = "sam3_exportable.manifest"
 #: Keys only the copy beside the file has (the file cannot hold its own hash).
 FILE_KEYS = ("artifact", "sha256", "size_bytes")
 #: Keys a manifest must have, with their types.
@@ -343,11 +345,24 @@ def _read_embedded(path: Path) -> dict[str, Any] | None:
     if zipfile.is_zipfile(path):
         return _read_zip_embedded(path)
     if path.suffix == ".onnx":
-        from .onnx import read_embedded_manifest
-
-        text = read_embedded_manifest(path)
+        text = _read_onnx_embedded(path)
         return None if text is None else _parse(text, f"{path} (embedded manifest)")
     return None
+
+
+def _read_onnx_embedded(path: Path) -> str | None:
+    """The manifest text in an ``.onnx`` file's ``metadata_props``, or None if it has none."""
+    try:
+        import onnx
+    except ImportError as exc:
+        raise ImportError(
+            f"onnx is needed to read ONNX artifacts: pip install 'sam3-exportable[onnx]' ({exc})"
+        ) from exc
+    try:
+        model = onnx.load(os.fspath(path), load_external_data=False)
+    except Exception as exc:  # protobuf raises its own DecodeError for foreign files
+        raise ArtifactError(f"{path}: expected an ONNX model, could not parse it: {exc}") from None
+    return next((p.value for p in model.metadata_props if p.key == ONNX_METADATA_KEY), None)
 
 
 def _parse(text: str, where: str) -> dict[str, Any]:

@@ -22,6 +22,7 @@ import contextlib
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from ..errors import ArtifactError, DynamicShapeAuditError
 from .base import Artifact
 from .files import Staging, check_output_file, sha256_file
 from .manifest import (
+    ONNX_METADATA_KEY,
     check_sha256,
     derive_manifest,
     describe_program,
@@ -54,11 +56,10 @@ __all__ = [
     "int8_path_for",
     "load_onnx",
     "quantize_onnx",
-    "read_embedded_manifest",
 ]
 
 #: Key of the embedded manifest in the model's ``metadata_props``.
-METADATA_KEY = "sam3_exportable.manifest"
+METADATA_KEY = ONNX_METADATA_KEY
 #: ONNX opset of the export (17 lacks Split's ``num_outputs``; 23's Attention op is refused
 #: by onnxruntime 1.32 on the geometry encoder's broadcast mask).
 OPSET = 18
@@ -146,7 +147,7 @@ def _publish(target: Path, doc: dict[str, Any], model: Any, force: bool) -> dict
         model.metadata_props[METADATA_KEY] = embedded_text(doc)
         # one data file, 64 KiB-aligned tensors (onnxruntime can map them), no >2 GB proto
         onnx_ir.save(model, os.fspath(graph), external_data=data_name, alignment=65536)
-        audit_onnx(graph)  # nothing is published unless the saved graph passes
+        audit_onnx(graph, empty_values=not doc["onnx_optimized"])  # nothing is published unless it passes
         full = finish(doc, target, graph, data_files=[(data_name, data)])
         stage_copy(staging, target, full)
         staging.commit()
@@ -194,7 +195,8 @@ def export_onnx(
     args = synthetic_inputs(
         doc["image_size"], doc["context_length"], hints.get("batch", 3), hints.get("num_prompts", 3)
     )
-    with _quiet("onnxscript"):  # constant folding warns once per Split it leaves alone
+    # constant folding warns once per Split it leaves alone
+    with _quiet("onnxscript"), _shape_env_restored(ep):
         program = torch.onnx.export(
             ep,
             args,
@@ -207,6 +209,28 @@ def export_onnx(
             custom_translation_table=translation_table(),
         )
     return _publish(target, doc, program.model, force)
+
+
+@contextlib.contextmanager
+def _shape_env_restored(ep: ExportedProgram) -> Iterator[None]:
+    """Convert ``ep`` and leave its ShapeEnv's pending unbacked symbols as they were.
+
+    ``torch.onnx.export`` decomposes the program in the program's own ShapeEnv and leaves
+    the fresh unbacked symbols of that pass pending there, so a second conversion of the same
+    program fails with ``PendingUnbackedSymbolNotFound``. The graph itself is not changed.
+    """
+    envs = {
+        id(env): env
+        for node in ep.graph.nodes
+        if node.op == "placeholder"
+        and (env := getattr(getattr(node.meta.get("val"), "fake_mode", None), "shape_env", None))
+    }
+    before = {key: list(env.pending_fresh_unbacked_symbols) for key, env in envs.items()}
+    try:
+        yield
+    finally:
+        for key, env in envs.items():
+            env.pending_fresh_unbacked_symbols[:] = before[key]
 
 
 def quantize_onnx(
@@ -244,24 +268,16 @@ def quantize_onnx(
         return _publish(target, doc, model, force)
 
 
-def read_embedded_manifest(path: str | os.PathLike[str]) -> str | None:
-    """The manifest text embedded in an ``.onnx`` file, or None if it carries none."""
-    onnx = _require("onnx")
-    try:
-        model = onnx.load(os.fspath(path), load_external_data=False)
-    except Exception as exc:  # protobuf raises its own DecodeError for foreign files
-        raise ArtifactError(f"{path}: expected an ONNX model, could not parse it: {exc}") from None
-    return next((p.value for p in model.metadata_props if p.key == METADATA_KEY), None)
-
-
-def audit_onnx(path: str | os.PathLike[str]) -> dict[str, Any]:
+def audit_onnx(path: str | os.PathLike[str], *, empty_values: bool = False) -> dict[str, Any]:
     """Prove statically that the graph at ``path`` keeps its dims symbolic and well formed.
 
     Checks, without loading the weights: the inputs are ``images [batch, 3, S, S]`` and
     ``token_ids [num_prompts, L]`` with those symbolic first dims, every output's first dim
-    is ``batch*num_prompts``, ``onnx.checker`` passes, and after shape inference no value has
-    a zero-size dim. Returns what it found; raises :class:`~..errors.DynamicShapeAuditError`
-    naming the offending input, output or value.
+    is ``batch*num_prompts``, ``onnx.checker`` passes, and (unless ``empty_values``) after
+    shape inference no value has a zero-size dim: the optimizer turns such values into
+    Reshapes onnxruntime refuses; an unoptimized graph keeps a few dead ones, harmlessly.
+    Returns what it found; raises :class:`~..errors.DynamicShapeAuditError` naming the
+    offending input, output or value.
     """
     onnx = _require("onnx")
     path = os.fspath(path)
@@ -296,13 +312,13 @@ def audit_onnx(path: str | os.PathLike[str]) -> dict[str, Any]:
             for d in v.type.tensor_type.shape.dim
         )
     ]
-    if zero:
+    if zero and not empty_values:
         raise DynamicShapeAuditError(f"ONNX audit: expected no zero-size values, got {len(zero)}: {zero[:5]}")
     return {
         "inputs": inputs,
         "outputs": outputs,
         "nodes": len(model.graph.node),
-        "zero_size_values": 0,
+        "zero_size_values": len(zero),
         "opsets": {o.domain or "ai.onnx": o.version for o in model.opset_import},
     }
 
