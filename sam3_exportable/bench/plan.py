@@ -1,0 +1,210 @@
+"""What one bench invocation measures (:class:`BenchPlan`, :func:`plan_for`) and the names
+of its jobs and files, declared once here."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+__all__ = [
+    "AOTI_COMPILE",
+    "ALLOCATOR_BASELINE",
+    "IMPORTS",
+    "MATMUL_PEAK",
+    "PROFILE_LOAD",
+    "VARIANTS",
+    "BenchPlan",
+    "artifact_name",
+    "export_key",
+    "latency_key",
+    "load_key",
+    "outputs_name",
+    "plan_for",
+    "profile_key",
+    "scaling_key",
+]
+
+Shape = tuple[int, int]
+
+#: Variant -> (artifact it runs, how it is exported). ``eager`` builds the model instead.
+VARIANTS: dict[str, dict[str, str] | None] = {
+    "eager": None,
+    "exported": {"kind": "pt2", "autocast": "none"},
+    "aoti": {"kind": "aoti", "autocast": "none"},
+    "bf16": {"kind": "pt2", "autocast": "bf16"},
+}
+
+# -- job keys: every job's key in results.json["jobs"] comes from one of these ---------------
+MATMUL_PEAK = "matmul_peak"
+IMPORTS = "imports"
+AOTI_COMPILE = "aoti_compile"
+PROFILE_LOAD = "profile/load"
+ALLOCATOR_BASELINE = "allocator/eager-default/1x1"
+
+
+def export_key(autocast: str) -> str:
+    """``export/fp32`` or ``export/bf16``."""
+    return f"export/{'fp32' if autocast == 'none' else autocast}"
+
+
+def load_key(how: str, run: int) -> str:
+    return f"load/{how}/{run}"
+
+
+def latency_key(variant: str, b: int, p: int) -> str:
+    return f"latency/{variant}/{b}x{p}"
+
+
+def scaling_key(b: int, p: int) -> str:
+    return f"scaling/{b}x{p}"
+
+
+def profile_key(variant: str, b: int, p: int) -> str:
+    return f"profile/{variant}/{b}x{p}"
+
+
+def outputs_name(variant: str, b: int, p: int, tag: str = "") -> str:
+    """File (in the work dir) holding a latency job's last outputs, for parity checks."""
+    return f"out-{variant}{tag}-{b}x{p}.pt"
+
+
+def artifact_name(variant: str) -> str:
+    """File name (in the work dir) of the artifact a variant runs."""
+    spec = VARIANTS[variant]
+    assert spec is not None
+    stem = "sam3" if spec["autocast"] == "none" else f"sam3-{spec['autocast']}"
+    return f"{stem}.aoti.pt2" if spec["kind"] == "aoti" else f"{stem}.pt2"
+
+
+@dataclasses.dataclass
+class BenchPlan:
+    """What one bench invocation measures (see :func:`plan_for` for the presets).
+
+    ``matrix`` maps each variant to the (B, P) shapes it runs at; jobs run shape by shape,
+    every variant of a shape in a row, so ratios between variants compare neighbouring runs.
+    """
+
+    size: str
+    quick: bool
+    matrix: dict[str, list[Shape]]
+    warmup: int
+    runs: int
+    scaling_prompts: list[int]
+    scaling_batches: list[int]
+    scaling_warmup: int
+    scaling_runs: int
+    scaling_budget_s: float | None  # None: no limit
+    load_runs: int
+    matmul_n: int
+    matmul_runs: int
+    inductor_configs: dict[str, Any]
+    #: (variant, B, P) of each op-level profile
+    profiles: list[tuple[str, int, int]]
+    threads: int
+    #: Most seconds the bf16 variant may take per configuration; when its forward is
+    #: predicted slower (bf16 matmul slower than fp32 on this CPU), it runs once, cold, or
+    #: not at all if even one run would exceed this.
+    bf16_cap_s: float = 900.0
+    seed: int = 0
+    #: malloc policy of every job's process (:func:`sam3_exportable.allocator.apply_malloc_policy`);
+    #: eager at (1,1) also runs once more under ``"default"`` to measure what it changes.
+    malloc: str = "retain"
+
+    @property
+    def variants(self) -> list[str]:
+        return list(self.matrix)
+
+    @property
+    def shapes(self) -> list[Shape]:
+        """Every shape of the matrix, in run order."""
+        seen: dict[Shape, None] = {}
+        for shapes in self.matrix.values():
+            seen.update(dict.fromkeys(shapes))
+        return sorted(seen, key=lambda s: (s[0] * s[1], s))
+
+    @property
+    def aoti(self) -> bool:
+        return "aoti" in self.matrix
+
+
+def plan_for(
+    size: str,
+    quick: bool = False,
+    *,
+    scaling_budget_s: float | None = None,
+    all_shapes: bool = False,
+    malloc: str = "retain",
+) -> BenchPlan:
+    """The preset plan for ``size`` (``tiny`` or ``full``).
+
+    ``tiny``: every variant at every shape, one warm-up and three timed runs.
+    ``tiny --quick``: no AOTInductor compile (it alone takes minutes), one timed run, a
+    shorter scaling series: a couple of minutes, for checking the tool itself.
+    ``full``: eager and the exported ``.pt2`` at (1,1), (2,3), (1,8); the exported and the
+    bf16 ``.pt2`` at (1,1), (2,1), (4,1) (the per-image cost in B); AOTInductor at (1,1)
+    (``all_shapes``: every variant at every shape, much longer); one warm-up and three timed
+    runs each. Scaling points beyond those are single cold runs of the exported ``.pt2``,
+    taken in order of importance (P=32 first: it carries the memory target) while their
+    predicted cost fits ``scaling_budget_s`` (default 600 s).
+
+    ``malloc`` is the malloc policy of every job (``retain`` or ``default``, see
+    :mod:`sam3_exportable.allocator`): all variants run under the same one, so ratios compare
+    programs, not allocators.
+    """
+    from ..allocator import MALLOC_POLICIES
+    from ..artifact.aoti import DEFAULT_INDUCTOR_CONFIGS
+
+    if malloc not in MALLOC_POLICIES:
+        raise ValueError(f"bench malloc: expected one of {list(MALLOC_POLICIES)}, got {malloc!r}")
+    if size not in ("tiny", "full"):
+        raise ValueError(f"bench size: expected 'tiny' or 'full', got {size!r}")
+    if size == "full" and quick:
+        raise ValueError("bench --quick: expected --size tiny (a quick full-size run is not meaningful)")
+    main: list[Shape] = [(1, 1), (2, 3), (1, 8)]
+    per_image: list[Shape] = [(1, 1), (2, 1), (4, 1)]
+    everything = sorted({*main, *per_image}, key=lambda s: (s[0] * s[1], s))
+    if size == "tiny" or all_shapes:
+        matrix = {v: list(everything) for v in VARIANTS}
+    else:
+        matrix = {"eager": main, "exported": everything, "aoti": [(1, 1)], "bf16": per_image}
+    if quick:
+        del matrix["aoti"]
+    common: dict[str, Any] = {
+        "size": size,
+        "quick": quick,
+        "matrix": matrix,
+        "inductor_configs": dict(DEFAULT_INDUCTOR_CONFIGS),
+        "threads": torch.get_num_threads(),
+        "malloc": malloc,
+    }
+    if size == "tiny":
+        return BenchPlan(
+            **common,
+            warmup=1,
+            runs=1 if quick else 3,
+            scaling_prompts=[1, 2, 4, 8] if quick else [1, 2, 4, 8, 16, 32],
+            scaling_batches=[1, 2, 4],
+            scaling_warmup=1,
+            scaling_runs=1 if quick else 3,
+            scaling_budget_s=scaling_budget_s,
+            load_runs=1 if quick else 3,
+            matmul_n=1024 if quick else 2048,
+            matmul_runs=3,
+            profiles=[] if quick else [("exported", 1, 1), ("exported", 2, 1), ("bf16", 1, 1), ("bf16", 2, 1)],
+        )
+    return BenchPlan(
+        **common,
+        warmup=1,
+        runs=3,
+        scaling_prompts=[32, 4, 2, 16],
+        scaling_batches=[2, 4],
+        scaling_warmup=0,
+        scaling_runs=1,
+        scaling_budget_s=600.0 if scaling_budget_s is None else scaling_budget_s,
+        load_runs=3,
+        matmul_n=2048,
+        matmul_runs=3,
+        profiles=[("exported", 1, 1), ("exported", 2, 1), ("bf16", 1, 1), ("bf16", 2, 1)],
+    )
