@@ -14,6 +14,7 @@ __all__ = [
     "OutputExistsError",
     "OutputPathError",
     "UpstreamMismatchError",
+    "WorkerError",
 ]
 
 
@@ -48,3 +49,8 @@ class OutputPathError(ValueError):
 
 class OutputExistsError(OutputPathError, FileExistsError):
     """An output exists and overwriting it was not asked for (``--force``)."""
+
+
+class WorkerError(RuntimeError):
+    """A worker process of a batch job died or could not start (killed for memory, say); the
+    images it had not returned are not written, and a resumed run does them."""

@@ -25,13 +25,9 @@ from typing import Any
 
 import torch
 
+from ..allocator import peak_rss_bytes
+
 __all__ = ["JOBS", "main", "peak_rss_bytes", "rss_bytes"]
-
-
-def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far (Linux ``ru_maxrss`` is in KiB)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak) * (1 if sys.platform == "darwin" else 1024)
 
 
 def rss_bytes() -> int:
