@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from ..allocator import peak_rss_bytes
+from .throughput import job_throughput
 
 __all__ = ["JOBS", "main", "peak_rss_bytes", "rss_bytes"]
 
@@ -295,6 +296,7 @@ JOBS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "latency": job_latency,
     "profile": job_profile,
     "profile_load": job_profile_load,
+    "throughput": job_throughput,
 }
 
 
