@@ -52,5 +52,6 @@ class OutputExistsError(OutputPathError, FileExistsError):
 
 
 class WorkerError(RuntimeError):
-    """A worker process of a batch job died or could not start (killed for memory, say); the
-    images it had not returned are not written, and a resumed run does them."""
+    """The workers of a batch job could not start (Ray did not start, its cluster cannot be
+    reached) or one died (killed for memory, say); the images not returned are not written,
+    and a resumed run does them."""

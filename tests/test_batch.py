@@ -580,3 +580,15 @@ def test_ray_missing_is_one_line_naming_the_extra(artifact, photos, tmp_path: Pa
         status == 2 and "pip install 'sam3-exportable[ray]'" in err and len(err.strip().splitlines()) == 1
     ), err
     assert not out.exists()
+
+
+def test_an_unreachable_cluster_is_one_line_and_nothing_is_written(artifact, photos, tmp_path: Path) -> None:
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{closed.getsockname()[1]}"
+    out = tmp_path / "out"
+    status, _, err = _main(
+        _args(artifact, out, "--engine", "ray", "--ray-address", address, images=(str(photos / "gray.png"),))
+    )
+    assert status == 2 and f"--ray-address {address}: expected a running Ray cluster" in err, err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()

@@ -231,23 +231,31 @@ def segment_images(
             segmenter = SegmentBatch(**segmenter_kwargs, threads=threads, verify_hash=True)
         else:
             _verify_hash(artifact_path, manifest)
-        store = OutputDir.start(target, job, mode)
-        failed = store.errors()
-        if retry_failed and failed:
-            store.forget_errors()
-            failed = {}
-        done = store.complete() | set(failed)
+        store = OutputDir(target, job)
+        failed = set(store.errors()) if mode == "resume" and not retry_failed else set()
+        done = (store.complete() if mode == "resume" else set()) | failed
         skipped = len(done)
-        batches = [b for b in job.batches() if any(i not in done for i in b)]
-        report = Progress(len(job.images), skipped, enabled=progress)
-        stream = _outcomes(
-            engine, batches, job, segmenter, segmenter_kwargs, workers, ray_address, ray_runtime_env
-        )
-        try:
-            with store, contextlib.closing(stream):
-                written, first, peaks = _write(store, stream, done, report, strict=strict, start=start)
-        finally:
-            report.close()
+        batches = [[job.images[i] for i in b] for b in job.batches() if any(i not in done for i in b)]
+        with contextlib.ExitStack() as stack:
+            stream = _stream(
+                stack,
+                engine,
+                batches,
+                segmenter,
+                segmenter_kwargs,
+                workers,
+                threads,
+                ray_address,
+                ray_runtime_env,
+            )
+            store.prepare(mode)  # the first write, once Ray is up or the cluster reached
+            if retry_failed:
+                store.forget_errors()
+            report = stack.enter_context(
+                contextlib.closing(Progress(len(job.images), skipped, enabled=progress))
+            )
+            stack.enter_context(store)
+            written, first, peaks = _write(store, stream, done, report, strict=strict, start=start)
         write_coco(store.coco_path, job.phrases, store.results)
         failures = [Failure(r["path"], r["error"]) for _, r in sorted(store.errors().items())]
     finally:
@@ -310,31 +318,32 @@ def _write(
     return written, first, peaks
 
 
-def _outcomes(
+def _stream(
+    stack: contextlib.ExitStack,
     engine: str,
-    batches: list[list[int]],
-    job: Job,
-    segmenter: Any,
+    batches: list[list[str]],
+    segmenter: SegmentBatch | None,
     segmenter_kwargs: dict[str, Any],
     workers: int | None,
+    threads: int,
     ray_address: str | None,
     ray_runtime_env: dict[str, Any] | None,
 ) -> Iterator[list[ImageOutcome]]:
-    path_batches = [[job.images[i] for i in batch] for batch in batches]
-    if not path_batches:
-        return
+    """The outcomes of ``batches`` on ``engine``, closed (and Ray shut down) with ``stack``;
+    Ray is started or reached here, only when there is a batch to run."""
+    if not batches:
+        return iter(())
     if engine == "local":
-        yield from local_outcomes(segmenter, path_batches)
-        return
-    wanted = workers or max(1, (os.cpu_count() or 1) // job.threads)
-    with ray_session(address=ray_address, num_cpus=wanted * job.threads, runtime_env=ray_runtime_env) as ray:
-        if workers is None and ray_address:
-            wanted = max(1, int(ray.cluster_resources().get("CPU", 1)) // job.threads)
-        yield from ray_outcomes(
-            ray,
-            path_batches,
-            # the driver checked the hash; each worker takes this process's malloc policy
-            {**segmenter_kwargs, "verify_hash": False, "malloc": current_malloc_policy()["policy"]},
-            workers=min(wanted, len(path_batches)),
-            threads=job.threads,
+        assert segmenter is not None
+        return stack.enter_context(contextlib.closing(local_outcomes(segmenter, batches)))
+    local_workers = max(1, (os.cpu_count() or 1) // threads)
+    ray = stack.enter_context(
+        ray_session(
+            address=ray_address, num_cpus=(workers or local_workers) * threads, runtime_env=ray_runtime_env
         )
+    )
+    wanted = workers or max(1, int(ray.cluster_resources().get("CPU", 1)) // threads)
+    # the driver checked the hash; each worker takes this process's malloc policy
+    kwargs = {**segmenter_kwargs, "verify_hash": False, "malloc": current_malloc_policy()["policy"]}
+    outcomes = ray_outcomes(ray, batches, kwargs, workers=min(wanted, len(batches)), threads=threads)
+    return stack.enter_context(contextlib.closing(outcomes))

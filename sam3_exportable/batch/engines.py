@@ -16,8 +16,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import shutil
 import signal
+import socket
 import tempfile
 import threading
 import warnings
@@ -76,14 +78,26 @@ def ray_session(
     quiet: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING}
     if runtime_env:
         quiet["runtime_env"] = runtime_env
+    if address:
+        _check_reachable(address)
     temp_dir = None
     try:
-        if address:
-            ray.init(address=address, **quiet)
-        else:
-            # Ray's sockets live under its temp dir, whose path must stay short (AF_UNIX)
-            temp_dir = tempfile.mkdtemp(prefix="s3e-ray-", dir="/tmp")
-            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _temp_dir=temp_dir, **quiet)
+        try:
+            if address:
+                ray.init(address=address, **quiet)
+            else:
+                # Ray's sockets live under its temp dir, whose path must stay short (AF_UNIX)
+                temp_dir = tempfile.mkdtemp(prefix="s3e-ray-", dir="/tmp")
+                ray.init(
+                    address="local", num_cpus=num_cpus, include_dashboard=False, _temp_dir=temp_dir, **quiet
+                )
+        except (ConnectionError, RuntimeError, ValueError, TimeoutError) as exc:
+            what = (
+                f"--ray-address {address}: could not connect"
+                if address
+                else "--engine ray: Ray did not start"
+            )
+            raise WorkerError(f"{what}: {_first_line(exc)}") from exc
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
         try:
@@ -160,5 +174,25 @@ def ray_outcomes(
             for columns in dataset.iter_batches(batch_size=None, prefetch_batches=0, batch_format="numpy"):
                 yield outcomes_from_columns(columns)
         except ray.exceptions.RayError as exc:
-            first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-            raise WorkerError(f"--engine ray: a worker failed: {first.strip()[:300]}") from exc
+            raise WorkerError(f"--engine ray: a worker failed: {_first_line(exc)}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    line = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+    return line[:300]
+
+
+def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
+    """Raise :class:`~..errors.WorkerError` unless a ``host:port`` address accepts a TCP
+    connection within ``timeout_s`` (Ray itself retries an unreachable one for minutes).
+    Other forms (``ray://...``, ``auto``) are left to Ray."""
+    match = re.fullmatch(r"([^\s:/]+):(\d+)", address)
+    if match is None:
+        return
+    try:
+        socket.create_connection((match.group(1), int(match.group(2))), timeout_s).close()
+    except OSError as exc:
+        raise WorkerError(
+            f"--ray-address {address}: expected a running Ray cluster there, could not connect: "
+            f"{exc.strerror or exc}"
+        ) from None

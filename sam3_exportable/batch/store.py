@@ -147,7 +147,8 @@ def _cut_torn_line(path: Path, block: int = 1 << 16) -> None:
 class OutputDir:
     """The files of one job in ``path`` (see the module docstring): names, state, writes.
 
-    Use :meth:`start` to create or continue it, then as a context manager while writing.
+    Reading the state writes nothing; :meth:`prepare` creates or continues the directory,
+    then use it as a context manager while writing images.
     """
 
     def __init__(self, path: Path, job: Job) -> None:
@@ -157,12 +158,12 @@ class OutputDir:
         self._results: IO[bytes] | None = None
         self._errors: IO[bytes] | None = None
 
-    @classmethod
-    def start(cls, path: Path, job: Job, mode: str) -> OutputDir:
-        """Make ``path`` ready for ``job`` in the ``mode`` :func:`check_output` chose:
+    def prepare(self, mode: str) -> None:
+        """Make the directory ready for the job in the ``mode`` :func:`check_output` chose:
         ``replace`` removes the previous run's files first (only ours), ``new`` and
         ``replace`` write ``run.json``; on ``resume`` a line torn by a crash is cut off and
-        temporary files a killed run left are removed."""
+        temporary files a killed run left are removed. Nothing is written before this."""
+        path, job = self.path, self.job
         if mode == "replace":
             with signals_deferred():
                 for name in _OURS:
@@ -171,7 +172,6 @@ class OutputDir:
         if mode != "resume":
             with atomic_write(path / RUN_FILE, force=True) as tmp:
                 tmp.write_text(json.dumps(job.to_json(), indent=1) + "\n")
-        store = cls(path, job)
         for folder, wanted in ((MASKS_DIR, job.masks), (OVERLAYS_DIR, job.overlay)):
             if wanted:
                 make_dir(path / folder)
@@ -181,7 +181,6 @@ class OutputDir:
             if folder.is_dir():
                 for leftover in folder.glob(".*.tmp"):
                     leftover.unlink()
-        return store
 
     # -- names -------------------------------------------------------------------------
     @property
