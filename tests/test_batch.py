@@ -317,6 +317,23 @@ def test_label_pngs_are_16_bit_above_255_instances() -> None:
     assert plain.tobytes() == image.tobytes()  # nothing kept: the overlay is the image
 
 
+def test_failed_images_stay_failed_on_resume_unless_retried(artifact, tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(_rgb(10, 40, 50)).save(folder / "good.png")
+    (folder / "later.png").write_bytes(b"not yet a PNG")
+    out = tmp_path / "out"
+    assert _main(_args(artifact, out, images=(str(folder),)))[0] == 1
+    Image.fromarray(_rgb(11, 30, 60)).save(folder / "later.png")  # the user fixes the file
+    status, printed, err = _main(_args(artifact, out, "--resume", images=(str(folder),)))
+    assert status == 1 and "this run: 0 images, 2 done before" in printed and "1 of 2 images failed" in err
+    status, printed, _ = _main(_args(artifact, out, "--resume", "--retry-failed", images=(str(folder),)))
+    assert status == 0 and "segmented 2 of 2 images" in printed
+    assert (out / "errors.jsonl").read_text() == "" and len(_results(out)) == 2
+    status, _, err = _main(_args(artifact, tmp_path / "new", "--retry-failed", images=(str(folder),)))
+    assert status == 2 and "expected with resume (--resume)" in err
+
+
 # -- interrupted runs ---------------------------------------------------------------------
 
 

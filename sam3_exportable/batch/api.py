@@ -96,6 +96,7 @@ def _check_options(
     ray_address: str | None,
     resume: bool,
     force: bool,
+    retry_failed: bool,
 ) -> None:
     if engine not in ENGINES:
         raise InputSpecError(f"engine: expected one of {list(ENGINES)}, got {engine!r}")
@@ -119,6 +120,8 @@ def _check_options(
         raise InputSpecError("ray_address: expected engine='ray' with it, got the local engine")
     if resume and force:
         raise InputSpecError("resume and force: expected one of them, got both")
+    if retry_failed and not resume:
+        raise InputSpecError("retry_failed (--retry-failed): expected with resume (--resume)")
 
 
 def _artifact_record(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -192,7 +195,9 @@ def segment_images(
     Ray is asked for and missing, and :class:`~..errors.WorkerError` when a Ray worker dies.
     """
     start = time.perf_counter()
-    _check_options(engine, batch_size, max_pairs, threshold, workers, threads, ray_address, resume, force)
+    _check_options(
+        engine, batch_size, max_pairs, threshold, workers, threads, ray_address, resume, force, retry_failed
+    )
     target = check_output_dir(out)
     phrases = validate_phrases(phrases)
     images = expand_images(paths, image_lists, exclude=[target])
