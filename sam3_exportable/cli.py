@@ -307,15 +307,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size",
         type=_positive_int,
         default=DEFAULT_BATCH_SIZE,
-        help=f"images per graph call (default {DEFAULT_BATCH_SIZE}: on CPU a batch of B costs B "
-        "single calls, so larger batches only add memory; they pay on accelerators)",
+        help=f"images per graph call (default {DEFAULT_BATCH_SIZE}: on CPU a batch of B costs about "
+        "B single calls, so larger batches only add memory; they pay on accelerators)",
     )
     pred.add_argument(
         "--max-pairs",
         type=_positive_int,
         default=DEFAULT_MAX_PAIRS,
         help=f"most image-phrase pairs per graph call; more phrases run in chunks (default "
-        f"{DEFAULT_MAX_PAIRS}: the full-size model then peaks near 7 GiB however many phrases)",
+        f"{DEFAULT_MAX_PAIRS}: the full-size model then stays under 8 GiB however many phrases)",
     )
     pred.add_argument("--engine", choices=["local", "ray"], default="local", help="where batches run")
     pred.add_argument(

@@ -24,7 +24,9 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from sam3_exportable.artifact import save_pipeline
+from sam3_exportable.artifact.files import current_umask
 from sam3_exportable.batch import SegmentBatch, expand_images, segment_images
+from sam3_exportable.batch.progress import Progress
 from sam3_exportable.cli import main
 from sam3_exportable.errors import InputSpecError
 from sam3_exportable.predict import KeptPair
@@ -255,6 +257,10 @@ def test_outputs_per_image_and_coco_json(reference) -> None:
     x0, y0, x1, y1 = inst["box_xyxy"]
     assert first["bbox"] == [x0, y0, x1 - x0, y1 - y0] and first["score"] == inst["score"]
     assert int(mask_utils.area(coco.annToRLE(first))) == first["area"] == inst["area"]
+    umask = current_umask()  # every file and folder gets the permissions open() / mkdir give
+    for path in [out, *out.rglob("*")]:
+        want = (0o777 if path.is_dir() else 0o666) & ~umask
+        assert path.stat().st_mode & 0o777 == want, path
 
 
 def test_strict_stops_at_the_first_bad_image(artifact, photos, tmp_path: Path) -> None:
@@ -332,6 +338,42 @@ def test_failed_images_stay_failed_on_resume_unless_retried(artifact, tmp_path: 
     assert (out / "errors.jsonl").read_text() == "" and len(_results(out)) == 2
     status, _, err = _main(_args(artifact, tmp_path / "new", "--retry-failed", images=(str(folder),)))
     assert status == 2 and "expected with resume (--resume)" in err
+
+
+def test_records_only_with_no_masks_and_no_overlay(artifact, photos, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    status, printed, _ = _main(
+        _args(artifact, out, "--no-masks", "--no-overlay", images=(str(photos / "a"),))
+    )
+    assert status == 0 and "overlays:" not in printed
+    assert sorted(p.name for p in out.iterdir()) == ["coco.json", "results.jsonl", "run.json"]
+    for line in _results(out).values():
+        assert line["overlay"] is None and all(entry["mask_png"] is None for entry in line["phrases"])
+    assert len(COCO(str(out / "coco.json")).imgs) == 2
+
+
+def test_progress_is_a_bar_on_a_terminal_and_lines_otherwise() -> None:
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    bar = Terminal()
+    report = Progress(4, 1, stream=bar)
+    report.update(2, failed=1)
+    report.note("skipped x: broken")
+    report.close()
+    assert "3/4" in bar.getvalue() and "img" in bar.getvalue() and "skipped x: broken" in bar.getvalue()
+    plain = io.StringIO()
+    report = Progress(4, 1, stream=plain, every_s=0.0)
+    report.update(1)
+    report.update(1, failed=1)
+    report.close()
+    lines = plain.getvalue().splitlines()
+    assert lines[0].startswith("progress: 2/4 images, ") and "left" in lines[0]
+    assert lines[-1].startswith("progress: 3/4 images (1 failed), ") and len(lines) == 2
+    quiet = io.StringIO()
+    Progress(4, stream=quiet, enabled=False).close()
+    assert quiet.getvalue() == ""
 
 
 # -- interrupted runs ---------------------------------------------------------------------

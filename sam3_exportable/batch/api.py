@@ -30,12 +30,13 @@ from .store import RUN_FILE, OutputDir, check_output
 
 __all__ = ["DEFAULT_BATCH_SIZE", "DEFAULT_MAX_PAIRS", "BatchSummary", "Failure", "segment_images"]
 
-#: Images per graph call. On CPU a batch of B images costs B times one image (no saving),
-#: while memory grows with B; accelerators are where larger batches pay.
+#: Images per graph call. On CPU a batch of B images costs about B single calls (no saving)
+#: while memory grows with B; larger batches pay on accelerators.
 DEFAULT_BATCH_SIZE = 1
 
 #: Most image-phrase pairs per graph call. The full-size model peaks at about 4.6 GiB for one
-#: pair and 0.33 GiB more per extra pair, so 8 pairs stay near 7 GiB however many phrases.
+#: pair and 0.33 GiB more per extra pair: 3 images x 32 phrases in calls of 8 pairs peaked at
+#: 7.85 GiB under the ``retain`` malloc policy (the full tier bounds it at 8 GiB).
 DEFAULT_MAX_PAIRS = 8
 
 ENGINES = ("local", "ray")

@@ -14,8 +14,8 @@ Layout of ``DIR``:
 ``<stem>`` is the image's index in the job, zero-padded, and its file name. Every file is
 written to a temporary name and renamed (:class:`~..artifact.files.Staging`), the image's
 files and its ``results.jsonl`` line together with SIGINT and SIGTERM held, so an interrupt
-leaves an image complete or absent. A line torn by a crash (no newline at the end) is cut
-off when the directory is opened again.
+leaves an image complete or absent, and no temporary file. A line torn by a crash (no
+newline at the end) is cut off when the directory is opened again.
 """
 
 from __future__ import annotations
@@ -287,12 +287,14 @@ class OutputDir:
             "overlay": overlay,
             "phrases": phrases,
         }
-        with Staging(force=True) as staging:
+        # Signals are held from the first temporary file on (they are bytes already encoded,
+        # so briefly): an interrupt between creating a temporary file and registering it for
+        # clean-up would leave it behind.
+        with signals_deferred(), Staging(force=True) as staging:
             for name, data in files:
                 staging.file(self.path / name).write_bytes(data)
-            with signals_deferred():
-                staging.commit()
-                self._append("_results", line)
+            staging.commit()
+            self._append("_results", line)
         return line
 
     def write_error(self, index: int, error: str) -> dict[str, Any]:
