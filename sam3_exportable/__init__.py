@@ -55,6 +55,7 @@ _EXPORTS = {
     "compare_parity": "verify",
     "Predictor": "predict.predictor",
     "segment_images": "batch.api",
+    "SegmentBatch": "batch.segment",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -65,6 +66,7 @@ if TYPE_CHECKING:  # pragma: no cover - the names type checkers see; imported la
     from .artifact.loader import Artifact, load_artifact  # noqa: F401
     from .artifact.pt2 import load_pipeline, save_pipeline  # noqa: F401
     from .batch.api import segment_images  # noqa: F401
+    from .batch.segment import SegmentBatch  # noqa: F401
     from .contract import OUTPUT_NAMES  # noqa: F401
     from .errors import (  # noqa: F401
         ArtifactError,

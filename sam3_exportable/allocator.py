@@ -21,6 +21,8 @@ default`` opts out; ``bench`` applies it in each job's own process). It changes 
 numerics. It needs glibc's malloc (Linux); on another libc, or with another allocator
 preloaded (jemalloc, tcmalloc: PyTorch's CPU tuning guide recommends those for the same
 reason), it is reported as not applied and nothing changes.
+
+:func:`peak_rss_bytes` is the process's peak memory, what every memory figure quotes.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ import ctypes
 import logging
 import os
 import platform
+import resource
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -38,6 +42,7 @@ __all__ = [
     "available_memory_bytes",
     "current_malloc_policy",
     "glibc_version",
+    "peak_rss_bytes",
 ]
 
 _log = logging.getLogger(__name__)
@@ -142,3 +147,10 @@ def available_memory_bytes() -> int | None:
     except (OSError, ValueError, IndexError):
         return None
     return None
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far, in bytes (``ru_maxrss``: KiB on Linux,
+    bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak) * (1 if sys.platform == "darwin" else 1024)

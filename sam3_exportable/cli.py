@@ -22,6 +22,7 @@ from .errors import (
     InputSpecError,
     OutputPathError,
     UpstreamMismatchError,
+    WorkerError,
 )
 
 __all__ = ["main"]
@@ -116,25 +117,11 @@ def export_command(args: argparse.Namespace) -> int:
 
 
 def predict_command(args: argparse.Namespace) -> int:
-    from .artifact.files import check_output_dir, staged_dir
-    from .predict.images import load_image
-    from .predict.outputs import replace_dir_atomically, write_results
-    from .predict.predictor import Predictor
-    from .progress import Stages
-    from .tokenizer import validate_phrases
+    from .artifact.manifest import read_manifest
+    from .batch.api import segment_images
+    from .batch.store import OVERLAYS_DIR
 
-    _set_threads(args.threads)
-    stages = Stages.printing()
-    out = check_output_dir(args.out)
-    # Every input is checked before anything heavy runs or anything is written.
-    phrases = validate_phrases(args.prompt or [])
-    if out.exists() and not args.force:
-        raise OutputPathError(f"--out {out}: exists; pass --force to overwrite")
-    images = [load_image(path, max_pixels=args.max_pixels) for path in args.image]
-    with stages.stage("load", str(args.model)):
-        predictor = Predictor(args.model, max_pixels=args.max_pixels)
-    predictor.tokenize(phrases)
-    model_info = predictor.manifest.get("model", {})
+    model_info = read_manifest(args.model).get("model", {})
     if model_info.get("random_weights"):
         print("  NOTE: this artifact has random weights: its masks are meaningless", flush=True)
     elif model_info.get("missing_keys"):
@@ -143,20 +130,44 @@ def predict_command(args: argparse.Namespace) -> int:
             "initialisation (exported with --allow-missing-keys): its masks may be meaningless",
             flush=True,
         )
-    with stages.stage("predict", f"{len(images)} image(s) x {len(phrases)} phrase(s), one graph call"):
-        results = predictor.predict(images, phrases, threshold=args.threshold)
-    with stages.stage("write", str(out)), staged_dir(out) as staging:
-        model = {"path": str(args.model), "sha256": predictor.manifest.get("sha256")}
-        doc = write_results(
-            staging, args.image, images, phrases, results, threshold=args.threshold, model=model
+    summary = segment_images(
+        args.image or [],
+        args.prompt or [],
+        artifact=args.model,
+        out=args.out,
+        image_lists=args.image_list or [],
+        engine=args.engine,
+        batch_size=args.batch_size,
+        max_pairs=args.max_pairs,
+        threshold=args.threshold,
+        workers=args.workers,
+        threads=args.threads,
+        ray_address=args.ray_address,
+        resume=args.resume,
+        force=args.force,
+        retry_failed=args.retry_failed,
+        overlay=not args.no_overlay,
+        masks=not args.no_masks,
+        strict=args.strict,
+        max_pixels=args.max_pixels,
+    )
+    failed = f", {summary.failed} failed" if summary.failed else ""
+    before = f", {summary.skipped} done before" if summary.skipped else ""
+    print(
+        f"segmented {summary.segmented} of {summary.images} images{failed} in {summary.seconds:.1f} s "
+        f"(this run: {summary.written} images{before}; {summary.engine} engine, {summary.workers} "
+        f"worker(s) x {summary.threads} thread(s))"
+    )
+    print(f"results: {summary.results_jsonl}")
+    print(f"coco: {summary.coco_json}")
+    if not args.no_overlay:
+        print(f"overlays: {summary.out / OVERLAYS_DIR}")
+    if summary.failed:
+        print(
+            f"error: {summary.failed} of {summary.images} images failed; see {summary.errors_jsonl}",
+            file=sys.stderr,
         )
-        replace_dir_atomically(staging, out, force=args.force)
-    for entry in doc["images"]:
-        counts = ", ".join(f"{p['phrase']!r}: {len(p['instances'])}" for p in entry["phrases"])
-        print(f"  {entry['path']}: {counts}")
-        print(f"  overlay: {out / entry['overlay']}")
-    print(f"results: {out / 'results.json'}")
-    print(stages.summary())
+        return 1
     return 0
 
 
@@ -263,6 +274,7 @@ def _add_malloc_argument(parser: argparse.ArgumentParser, what: str = "of this p
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .batch.api import DEFAULT_BATCH_SIZE, DEFAULT_MAX_PAIRS
     from .predict.images import DEFAULT_MAX_PIXELS
 
     parser = _Parser(
@@ -308,13 +320,73 @@ def build_parser() -> argparse.ArgumentParser:
     _add_malloc_argument(exp)
     exp.set_defaults(func=export_command)
 
-    pred = sub.add_parser("predict", help="segment images by text prompts with an artifact")
+    pred = sub.add_parser(
+        "predict",
+        help="segment images by text prompts with an artifact: files, folders, patterns, lists",
+        description="Segment images by text prompts, in batches, writing per image as it is done "
+        "(masks/, overlays/, results.jsonl) and coco.json at the end; --resume continues an "
+        "interrupted run. Exit status 0, 1 when some images failed (see errors.jsonl), 2 for a "
+        "bad argument.",
+    )
     pred.add_argument("--model", required=True, type=Path, help="artifact written by export")
-    pred.add_argument("--image", required=True, action="append", type=Path, help="repeatable")
+    pred.add_argument(
+        "--image",
+        action="append",
+        help="an image file, a directory (searched recursively) or a glob pattern (quote it); repeatable",
+    )
+    pred.add_argument(
+        "--image-list",
+        action="append",
+        metavar="FILE",
+        help="a file with one image path per line (# comments and blank lines ignored); repeatable",
+    )
     pred.add_argument("--prompt", action="append", help="a phrase, e.g. 'a dog'; repeatable")
     pred.add_argument("--threshold", type=_threshold, default=0.5)
     pred.add_argument("--out", required=True, help="output directory")
-    pred.add_argument("--force", action="store_true", help="replace an existing --out")
+    again = pred.add_mutually_exclusive_group()
+    again.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out (the same job): images already written are skipped",
+    )
+    again.add_argument("--force", action="store_true", help="replace a previous run in --out")
+    pred.add_argument(
+        "--retry-failed", action="store_true", help="with --resume: run the images that failed again"
+    )
+    pred.add_argument("--strict", action="store_true", help="stop at the first bad image (exit status 2)")
+    pred.add_argument("--no-masks", action="store_true", help="write no instance-label PNGs")
+    pred.add_argument("--no-overlay", action="store_true", help="write no overlay PNGs")
+    pred.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=DEFAULT_BATCH_SIZE,
+        help=f"images per graph call (default {DEFAULT_BATCH_SIZE}: on CPU a batch of B costs about "
+        "B single calls, so larger batches only add memory; they pay on accelerators)",
+    )
+    pred.add_argument(
+        "--max-pairs",
+        type=_positive_int,
+        default=DEFAULT_MAX_PAIRS,
+        help=f"most image-phrase pairs per graph call; more phrases run in chunks (default "
+        f"{DEFAULT_MAX_PAIRS}: the full-size model then stays under 8 GiB however many phrases)",
+    )
+    pred.add_argument("--engine", choices=["local", "ray"], default="local", help="where batches run")
+    pred.add_argument(
+        "--workers",
+        type=_positive_int,
+        help="--engine ray: worker processes (default: CPUs / --threads, at most one per batch)",
+    )
+    pred.add_argument(
+        "--threads",
+        type=_positive_int,
+        help="torch threads per worker (default: torch's for local, 1 for ray); results are "
+        "bitwise the same across engines and workers at the same --threads",
+    )
+    pred.add_argument(
+        "--ray-address",
+        metavar="ADDR",
+        help="--engine ray: an existing cluster (host:port) instead of a new one",
+    )
     pred.add_argument(
         "--max-pixels",
         type=_positive_int,
@@ -322,7 +394,6 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"refuse images with more pixels (default {DEFAULT_MAX_PIXELS:,}; "
         "guards against decompression bombs)",
     )
-    pred.add_argument("--threads", type=_positive_int, help="torch threads (default: torch's)")
     _add_malloc_argument(pred)
     pred.set_defaults(func=predict_command)
 
@@ -373,10 +444,12 @@ _EXPECTED_ERRORS = (
     DynamicShapeAuditError,
     FileExistsError,
     FileNotFoundError,
+    ImportError,  # an optional extra that is not installed; the message names it
     InputSpecError,
     OutputPathError,
     UpstreamMismatchError,
     ValueError,
+    WorkerError,
 )
 
 #: errno values of OSErrors a user's environment causes (disk full, read-only, permissions)

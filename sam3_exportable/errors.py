@@ -14,6 +14,7 @@ __all__ = [
     "OutputExistsError",
     "OutputPathError",
     "UpstreamMismatchError",
+    "WorkerError",
 ]
 
 
@@ -48,3 +49,9 @@ class OutputPathError(ValueError):
 
 class OutputExistsError(OutputPathError, FileExistsError):
     """An output exists and overwriting it was not asked for (``--force``)."""
+
+
+class WorkerError(RuntimeError):
+    """The workers of a batch job could not start (Ray did not start, its cluster cannot be
+    reached) or one died (killed for memory, say); the images not returned are not written,
+    and a resumed run does them."""

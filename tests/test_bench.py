@@ -201,6 +201,25 @@ def test_quick_bench_writes_results_and_plots(quick_run: tuple[Path, int]) -> No
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_quick_bench_measures_batch_throughput(quick_run: tuple[Path, int]) -> None:
+    out, _ = quick_run
+    doc = json.loads((out / "results.json").read_text())
+    rows = doc["throughput"]["rows"]
+    threads = doc["plan"]["threads"]
+    assert [(r["engine"], r["workers"], r["threads"]) for r in rows] == [
+        ("local", 1, threads),
+        ("ray", 1, threads),
+        ("ray", 2, max(1, threads // 2)),
+    ]
+    for row in rows:
+        assert row["images"] == doc["plan"]["throughput_images"] and row["images_per_hour"] > 0, row
+        assert 1 <= row["workers_used"] <= row["workers"] == 1 + (row is rows[2])
+        assert len(row["worker_peak_rss_gib"]) == row["workers_used"]
+        assert all(0 < v < 64 for v in row["worker_peak_rss_gib"]) and row["driver_peak_rss_gib"] > 0
+        assert ("speed_vs_local" in row) == (row["engine"] == "ray")
+    assert "## Throughput (segment_images, one image per batch)" in (out / "summary.md").read_text()
+
+
 def test_quick_bench_records_the_malloc_policy(quick_run: tuple[Path, int]) -> None:
     out, _ = quick_run
     doc = json.loads((out / "results.json").read_text())

@@ -1,15 +1,22 @@
-"""Full-size (840M parameters) tier: one export per session, parity, fresh-process load."""
+"""Full-size (840M parameters) tier: one export per session, parity, fresh-process load, the
+memory of a batch job with many phrases."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import assert_bitwise, eager, example_inputs, run_in_fresh_process
+from PIL import Image
 
 import sam3_exportable as s3e
 from sam3_exportable.artifact import save_pipeline
+from sam3_exportable.batch import DEFAULT_MAX_PAIRS
 from sam3_exportable.export import audit_dynamic_shapes, export_full_pipeline
 from sam3_exportable.predict import Predictor, load_image
 
@@ -79,3 +86,41 @@ def test_full_predict_matches_upstream_processor(full_wrapper, full_ep) -> None:
     assert torch.equal(ours.scores, ref["scores"])
     assert torch.equal(ours.boxes, ref["boxes"])
     assert torch.equal(ours.masks, ref["masks"])
+
+
+# -- batch jobs at full size -----------------------------------------------------------------
+
+#: The memory bound of a batch job with the default --max-pairs, however many phrases.
+BATCH_PEAK_RSS_BOUND = 8 * 2**30
+
+_PEAK_OF_CHILD = (
+    "import resource, subprocess, sys; "
+    "status = subprocess.run(sys.argv[1:]).returncode; "
+    "print('peak_rss_kib', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); "
+    "sys.exit(status)"
+)
+
+
+def test_full_predict_with_32_phrases_stays_under_8_gib(full_ep, tmp_path: Path) -> None:
+    """`predict` over 3 images x 32 phrases with the default --max-pairs (chunks of 8 pairs)
+    and the default malloc policy: the peak RSS of its process stays within the bound."""
+    artifact = tmp_path / "sam3.pt2"
+    save_pipeline(full_ep, artifact)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i, (height, width) in enumerate([(480, 640), (600, 400), (1008, 1008)]):
+        Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    phrases = [f"object number {i}" for i in range(32)]
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "sam3_exportable.cli", "predict", "--model", str(artifact)]
+    command += ["--image", str(folder), "--out", str(out), *(a for p in phrases for a in ("--prompt", p))]
+    run = subprocess.run(
+        [sys.executable, "-c", _PEAK_OF_CHILD, *command], capture_output=True, text=True, timeout=3600
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    peak = int(run.stdout.split("peak_rss_kib")[-1]) * 1024
+    print(f"predict, 3 images x 32 phrases, --max-pairs {DEFAULT_MAX_PAIRS}: peak RSS {peak / 2**30:.2f} GiB")
+    assert peak <= BATCH_PEAK_RSS_BOUND
+    lines = (out / "results.jsonl").read_text().splitlines()
+    assert len(lines) == 3 and all(len(json.loads(line)["phrases"]) == 32 for line in lines)

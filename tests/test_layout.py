@@ -19,12 +19,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_import_contracts_hold() -> None:
     # layers (cli -> bench -> batch -> predict -> export -> verify -> artifact -> patching ->
-    # base), a loading side that never imports sam3, no import cycle at any depth
+    # base), a loading side that never imports sam3, batch jobs that never import the export
+    # side, no import cycle at any depth
     run = subprocess.run(
         ["lint-imports", "--no-cache"], cwd=ROOT, capture_output=True, text=True, timeout=300
     )
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
-    assert "3 kept, 0 broken" in run.stdout
+    assert "4 kept, 0 broken" in run.stdout
 
 
 def test_the_loading_side_runs_without_importing_sam3() -> None:

@@ -137,34 +137,42 @@ def _predict_args(artifact: Path, images: list[Path], out: Path, phrases=PHRASES
     return args + list(extra)
 
 
-def test_cli_predict_writes_results_masks_and_overlays(artifact, image_files, tmp_path: Path, capsys) -> None:
+def test_cli_predict_writes_results_masks_and_overlays(
+    artifact, image_files, predictor, tmp_path: Path, capsys
+) -> None:
     out = tmp_path / "out"
     assert main(_predict_args(artifact, image_files, out)) == 0
     printed = capsys.readouterr().out
-    assert "overlay:" in printed and "[predict] done in" in printed
-    doc = json.loads((out / "results.json").read_text())
-    assert doc["phrases"] == PHRASES and len(doc["images"]) == 2
-    files = sorted(p.name for p in out.iterdir())
-    assert len([f for f in files if f.endswith("_overlay.png")]) == 2
-    assert len([f for f in files if "__" in f]) == 2 * len(PHRASES)
+    assert "segmented 2 of 2 images" in printed and f"results: {out / 'results.jsonl'}" in printed
+    assert json.loads((out / "run.json").read_text())["phrases"] == PHRASES
+    lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert sorted(entry["path"] for entry in lines) == sorted(str(p.resolve()) for p in image_files)
+    assert len(list((out / "overlays").iterdir())) == 2
+    assert len(list((out / "masks").iterdir())) == 2 * len(PHRASES)
     total = 0
-    for entry, path in zip(doc["images"], image_files, strict=True):
+    for entry in lines:
+        # one image per call with all phrases: bitwise the Predictor's results on that image
+        expected = predictor.predict([load_image(entry["path"])], PHRASES, threshold=THRESHOLD)[0]
         with Image.open(out / entry["overlay"]) as overlay:
-            assert overlay.size == Image.open(path).size and overlay.mode == "RGB"
-        for phrase in entry["phrases"]:
+            assert overlay.size == Image.open(entry["path"]).size and overlay.mode == "RGB"
+        for phrase, ref in zip(entry["phrases"], expected, strict=True):
             labels = np.asarray(Image.open(out / phrase["mask_png"]))
             assert labels.shape == (entry["height"], entry["width"])
+            assert [inst["score"] for inst in phrase["instances"]] == ref.scores.tolist()
+            assert [inst["box_xyxy"] for inst in phrase["instances"]] == ref.boxes.tolist()
             for k, inst in enumerate(phrase["instances"]):
                 total += 1
                 rle = {"size": inst["rle"]["size"], "counts": inst["rle"]["counts"].encode()}
                 decoded = mask_utils.decode(rle).astype(bool)
+                assert np.array_equal(decoded, ref.masks[k, 0].numpy())
                 assert decoded.sum() == inst["area"]
                 assert ((labels == k + 1) <= decoded).all()  # later instances may overlap it
-                assert 0.0 <= inst["score"] <= 1.0 and len(inst["box_xyxy"]) == 4
     assert total > 0
     # --force replaces a complete previous output
     assert main(_predict_args(artifact, image_files[:1], out, ["a cat"], "--force")) == 0
-    assert json.loads((out / "results.json").read_text())["phrases"] == ["a cat"]
+    assert json.loads((out / "run.json").read_text())["phrases"] == ["a cat"]
+    assert len((out / "results.jsonl").read_text().splitlines()) == 1
+    assert len(list((out / "masks").iterdir())) == 1
 
 
 def _assert_refused(args: list[str], out: Path, message: str, capsys) -> None:
@@ -176,11 +184,7 @@ def _assert_refused(args: list[str], out: Path, message: str, capsys) -> None:
 
 def test_bad_inputs_are_refused_and_nothing_is_written(artifact, image_files, tmp_path: Path, capsys) -> None:
     out = tmp_path / "out"
-    _assert_refused(_predict_args(artifact, [tmp_path / "missing.jpg"], out), out, "no such file", capsys)
-    (tmp_path / "text.jpg").write_text("not an image")
-    _assert_refused(
-        _predict_args(artifact, [tmp_path / "text.jpg"], out), out, "expected a readable image file", capsys
-    )
+    _assert_refused(_predict_args(artifact, [tmp_path / "missing.jpg"], out), out, "no such path", capsys)
     _assert_refused(
         _predict_args(artifact, image_files, out, ["a dog", "  "]), out, "non-empty phrase", capsys
     )
@@ -195,6 +199,17 @@ def test_bad_inputs_are_refused_and_nothing_is_written(artifact, image_files, tm
     _assert_refused(_predict_args(foreign, image_files, out), out, "sha256 mismatch", capsys)
     out.mkdir()
     (out / "keep.txt").write_text("user data")
-    assert main(_predict_args(artifact, image_files, out)) == 2
-    assert "exists; pass --force" in capsys.readouterr().err
-    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    for extra in ((), ("--force",)):
+        assert main(_predict_args(artifact, image_files, out, PHRASES, *extra)) == 2
+        assert "no run.json, so it is left alone" in capsys.readouterr().err
+        assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+
+
+def test_an_unreadable_image_fails_alone(artifact, image_files, tmp_path: Path, capsys) -> None:
+    (tmp_path / "text.jpg").write_text("not an image")
+    out = tmp_path / "out"
+    assert main(_predict_args(artifact, [tmp_path / "text.jpg", *image_files], out)) == 1
+    err = capsys.readouterr().err
+    assert "expected a readable image file" in err and "1 of 3 images failed" in err
+    assert len((out / "results.jsonl").read_text().splitlines()) == 2
+    assert json.loads((out / "errors.jsonl").read_text())["path"] == str(tmp_path / "text.jpg")

@@ -24,6 +24,7 @@ __all__ = [
     "plan_for",
     "profile_key",
     "scaling_key",
+    "throughput_key",
 ]
 
 Shape = tuple[int, int]
@@ -63,6 +64,11 @@ def scaling_key(b: int, p: int) -> str:
 
 def profile_key(variant: str, b: int, p: int) -> str:
     return f"profile/{variant}/{b}x{p}"
+
+
+def throughput_key(engine: str, workers: int, threads: int) -> str:
+    """``throughput/local/1x2``: a :mod:`.throughput` job (workers x threads per worker)."""
+    return f"throughput/{engine}/{workers}x{threads}"
 
 
 def outputs_name(variant: str, b: int, p: int, tag: str = "") -> str:
@@ -111,6 +117,12 @@ class BenchPlan:
     #: malloc policy of every job's process (:func:`sam3_exportable.allocator.apply_malloc_policy`);
     #: eager at (1,1) also runs once more under ``"default"`` to measure what it changes.
     malloc: str = "retain"
+    #: (engine, workers, threads per worker) of each :mod:`.throughput` job, all with the
+    #: same total threads; the images (count, height x width) and phrases they segment
+    throughput: list[tuple[str, int, int]] = dataclasses.field(default_factory=list)
+    throughput_images: int = 0
+    throughput_image_size: tuple[int, int] = (480, 640)
+    throughput_phrases: list[str] = dataclasses.field(default_factory=lambda: ["a dog", "a cat"])
 
     @property
     def variants(self) -> list[str]:
@@ -149,6 +161,10 @@ def plan_for(
     taken in order of importance (P=32 first: it carries the memory target) while their
     predicted cost fits ``scaling_budget_s`` (default 600 s).
 
+    Throughput (:mod:`.throughput`): ``segment_images`` over the same images with the local
+    engine and with Ray at 1 and 2 workers, at the same total threads: tiny 16 images (4 with
+    ``--quick``), full size 4.
+
     ``malloc`` is the malloc policy of every job (``retain`` or ``default``, see
     :mod:`sam3_exportable.allocator`): all variants run under the same one, so ratios compare
     programs, not allocators.
@@ -173,13 +189,16 @@ def plan_for(
         matrix = {"eager": main, "exported": everything, "aoti": [(1, 1)], "bf16": per_image}
     if quick:
         del matrix["aoti"]
+    threads = torch.get_num_threads()
     common: dict[str, Any] = {
         "size": size,
         "quick": quick,
         "matrix": matrix,
         "inductor_configs": dict(DEFAULT_INDUCTOR_CONFIGS),
-        "threads": torch.get_num_threads(),
+        "threads": threads,
         "malloc": malloc,
+        # the local engine, then Ray at the same total threads: one worker, then two
+        "throughput": [("local", 1, threads), ("ray", 1, threads), ("ray", 2, max(1, threads // 2))],
     }
     if size == "tiny":
         return BenchPlan(
@@ -197,6 +216,7 @@ def plan_for(
             profiles=[]
             if quick
             else [("exported", 1, 1), ("exported", 2, 1), ("bf16", 1, 1), ("bf16", 2, 1)],
+            throughput_images=4 if quick else 16,
         )
     return BenchPlan(
         **common,
@@ -211,4 +231,5 @@ def plan_for(
         matmul_n=2048,
         matmul_runs=3,
         profiles=[("exported", 1, 1), ("exported", 2, 1), ("bf16", 1, 1), ("bf16", 2, 1)],
+        throughput_images=4,
     )

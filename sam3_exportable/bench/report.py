@@ -12,6 +12,7 @@ from ..contract import OUTPUT_NAMES
 from .host import capability_line
 from .plan import PROFILE_LOAD
 from .summary import TARGET_COMPARISONS
+from .throughput import throughput_lines
 
 __all__ = ["TARGET_COMPARISONS", "format_measured", "markdown_summary", "verdict"]
 
@@ -242,6 +243,7 @@ def markdown_summary(doc: dict[str, Any]) -> str:
             f"| {key} | {diffs} | {bitwise} | {same05} ({k05['kept']}) | "
             f"{same_top} ({top['kept']} kept, {top['mask_pixels_differing']}) |"
         )
+    lines += throughput_lines(doc.get("throughput"))
     for name, prof in doc.get("jobs", {}).items():
         if not name.startswith("profile/") or name == PROFILE_LOAD or not prof.get("top_ops_by_self_cpu"):
             continue

@@ -45,6 +45,7 @@ from .plan import (
     outputs_name,
     profile_key,
     scaling_key,
+    throughput_key,
 )
 from .summary import summarize
 
@@ -203,6 +204,7 @@ class BenchRun:
         self._allocator_baseline()
         self._scaling(fp32)
         self._profiles()
+        self._throughput(fp32)
         self.doc["total_wall_s"] = self.doc.get("total_wall_s", 0.0) + time.perf_counter() - start
         summarize(self.doc, plan, self.read_outputs)
         self.save()
@@ -371,6 +373,23 @@ class BenchRun:
             if variant in self.plan.matrix:
                 spec = {"job": "profile", "path": str(self.artifact(artifact_name(variant))), "shape": [b, p]}
                 self.job(profile_key(variant, b, p), spec)
+
+    def _throughput(self, fp32: Path) -> None:
+        """``segment_images`` over the same images per engine configuration (:mod:`.throughput`)."""
+        plan = self.plan
+        for engine, workers, threads in plan.throughput if plan.throughput_images else []:
+            spec = {
+                "job": "throughput",
+                "path": str(fp32),
+                "engine": engine,
+                "workers": workers,
+                "threads": threads,
+                "images": plan.throughput_images,
+                "image_size": list(plan.throughput_image_size),
+                "phrases": plan.throughput_phrases,
+                "work": str(self.work_dir),
+            }
+            self.job(throughput_key(engine, workers, threads), spec)
 
 
 def _jsonable(value: Any) -> Any:

@@ -27,6 +27,7 @@ from .plan import (
     scaling_key,
 )
 from .stats import linear_fit, stat
+from .throughput import throughput_section
 
 __all__ = ["TARGET_COMPARISONS", "summarize"]
 
@@ -358,5 +359,6 @@ def summarize(doc: dict[str, Any], plan: BenchPlan, read_outputs: OutputsReader)
     doc["allocator"] = allocator_section(jobs, plan, read_outputs)
     doc["parity"] = parity_section(plan, read_outputs)
     doc["scaling"] = scaling_section(jobs, plan, doc.get("scaling_skipped", []))
+    doc["throughput"] = throughput_section(jobs, plan.throughput)
     doc["targets"] = targets(doc, plan)
     return doc

@@ -25,13 +25,10 @@ from typing import Any
 
 import torch
 
+from ..allocator import peak_rss_bytes
+from .throughput import job_throughput
+
 __all__ = ["JOBS", "main", "peak_rss_bytes", "rss_bytes"]
-
-
-def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far (Linux ``ru_maxrss`` is in KiB)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak) * (1 if sys.platform == "darwin" else 1024)
 
 
 def rss_bytes() -> int:
@@ -299,6 +296,7 @@ JOBS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "latency": job_latency,
     "profile": job_profile,
     "profile_load": job_profile_load,
+    "throughput": job_throughput,
 }
 
 

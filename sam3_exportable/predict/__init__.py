@@ -3,7 +3,7 @@
 * :mod:`.images`: every image form (paths, PIL, numpy, tensors) to 8-bit RGB by one path;
 * :mod:`.predictor`: :class:`Predictor` (pre-processing, one graph call, upstream's
   post-processing);
-* :mod:`.outputs`: COCO RLE, instance-label PNGs, overlays.
+* :mod:`.outputs`: one image's results as bytes: COCO RLE, instance-label PNGs, the overlay.
 
 Nothing here imports ``sam3``.
 """
@@ -13,15 +13,17 @@ from __future__ import annotations
 from ..artifact.loader import load_artifact
 from ..tokenizer import validate_phrases
 from .images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, load_image, to_rgb
-from .predictor import Instance, PairResult, Predictor, iter_instances, postprocess
+from .predictor import Instance, KeptPair, PairResult, Predictor, iter_instances, keep_pair, postprocess
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
     "IMAGE_EXTENSIONS",
     "Instance",
+    "KeptPair",
     "PairResult",
     "Predictor",
     "iter_instances",
+    "keep_pair",
     "load_artifact",
     "load_image",
     "postprocess",

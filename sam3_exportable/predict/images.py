@@ -2,7 +2,7 @@
 
 Accepted (the same picture gives the same pixels however it comes):
 
-* a path to an image file (EXIF orientation applied);
+* a path to an image file, or the file's bytes (EXIF orientation applied);
 * a ``PIL.Image.Image`` of any mode;
 * a numpy array ``[H, W]`` (grayscale) or ``[H, W, C]`` with C in 1, 3, 4 (RGB order;
   alpha dropped);
@@ -18,6 +18,7 @@ from the header before any pixel is decoded.
 
 from __future__ import annotations
 
+import io
 import os
 import threading
 import warnings
@@ -45,7 +46,7 @@ IMAGE_EXTENSIONS = frozenset(
 #: Default pixel limit (width * height): 16384 x 16384, far above any camera or tile.
 DEFAULT_MAX_PIXELS = 16384 * 16384
 
-ImageInput = Union[str, "os.PathLike[str]", Image.Image, np.ndarray, Any]
+ImageInput = Union[str, "os.PathLike[str]", bytes, Image.Image, np.ndarray, Any]
 
 _PILLOW_LIMIT = threading.Lock()
 
@@ -53,20 +54,25 @@ _PILLOW_LIMIT = threading.Lock()
 def _describe(source: Any) -> str:
     if isinstance(source, (str, os.PathLike)):
         return f"image {os.fspath(source)}"
+    if isinstance(source, bytes):
+        return "image (bytes)"
     return f"image ({type(source).__name__})"
 
 
-def _open(path: Path, max_pixels: int) -> Image.Image:
-    what = f"image {path}"
-    if not path.exists():
-        raise FileNotFoundError(f"{what}: no such file")
-    if not path.is_file():
-        raise InputSpecError(f"{what}: expected an image file, got a directory or special file")
+def _open(source: Path | bytes, max_pixels: int) -> Image.Image:
+    if isinstance(source, bytes):
+        what, fp = "image (bytes)", io.BytesIO(source)
+    else:
+        what, fp = f"image {source}", source
+        if not source.exists():
+            raise FileNotFoundError(f"{what}: no such file")
+        if not source.is_file():
+            raise InputSpecError(f"{what}: expected an image file, got a directory or special file")
     with _PILLOW_LIMIT:
         saved = Image.MAX_IMAGE_PIXELS
         Image.MAX_IMAGE_PIXELS = None  # the limit below replaces Pillow's guard
         try:
-            img = Image.open(path)
+            img = Image.open(fp)
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
             raise InputSpecError(f"{what}: expected a readable image file, got {exc}") from None
         finally:
@@ -176,6 +182,8 @@ def to_rgb(source: ImageInput, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image
     what = _describe(source)
     if isinstance(source, (str, os.PathLike)):
         return _from_pil(_open(Path(source), max_pixels), what)
+    if isinstance(source, bytes):
+        return _from_pil(_open(source, max_pixels), what)
     if isinstance(source, Image.Image):
         width, height = source.size
         if width * height > max_pixels:
@@ -193,7 +201,7 @@ def to_rgb(source: ImageInput, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image
             tensor = tensor.permute(1, 2, 0)
         return _from_array(tensor.numpy(), what)
     raise InputSpecError(
-        f"{what}: expected a file path, a PIL image, a numpy array [H, W(, C)] or a tensor "
+        f"{what}: expected a file path, file bytes, a PIL image, a numpy array [H, W(, C)] or a tensor "
         f"[(C, )H, W], got {type(source).__name__}"
     )
 

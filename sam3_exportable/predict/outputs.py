@@ -1,19 +1,26 @@
-"""Writing prediction results: ``results.json`` (COCO RLE masks), mask PNGs, overlays."""
+"""One image's results as bytes: COCO RLE per instance, an instance-label PNG per phrase, the
+overlay PNG (:func:`encode_image`).
+
+Memory stays bounded for large images: each instance's mask is upsampled once, used for its
+RLE, its label pixels and its overlay pixels, and dropped before the next one
+(:meth:`.predictor.KeptPair.instances`); the overlay blends only the masked pixels of one
+8-bit copy of the image, never a float copy of the whole image.
+"""
 
 from __future__ import annotations
 
-import json
+import dataclasses
+import io
 import re
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .predictor import PairResult
+from .predictor import KeptPair
 
-__all__ = ["PALETTE", "encode_rle", "write_results"]
+__all__ = ["PALETTE", "EncodedImage", "encode_image", "encode_rle", "png_bytes", "slug"]
 
 #: One colour per phrase (RGB), cycled.
 PALETTE = [
@@ -27,120 +34,128 @@ PALETTE = [
     (210, 245, 60),
 ]
 
+#: Weight of the phrase colour where a mask covers a pixel of the overlay.
+OVERLAY_ALPHA = 0.45
+
 
 def encode_rle(mask: np.ndarray) -> dict[str, Any]:
-    """COCO RLE (pycocotools) of a boolean ``(H, W)`` mask, JSON-ready."""
+    """COCO RLE (pycocotools) of a boolean ``(H, W)`` mask, JSON-ready:
+    ``{"size": [H, W], "counts": str}``."""
     from pycocotools import mask as mask_utils
 
     rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
     return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()[:40] or "phrase"
+def slug(text: str) -> str:
+    """``text`` as a short file-name part: ASCII letters and digits joined by ``-``."""
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()[:40] or "x"
 
 
-def _label_png(result: PairResult, height: int, width: int) -> Image.Image:
-    """Instance-label image: 0 is background, k is the k-th kept instance (by score order
-    of the model's queries); 8-bit below 256 instances, else 16-bit."""
-    count = result.scores.shape[0]
-    labels = np.zeros((height, width), dtype=np.uint16 if count > 255 else np.uint8)
-    for k in range(count):
-        labels[result.masks[k, 0].numpy()] = k + 1
-    return Image.fromarray(labels)
+def png_bytes(image: Image.Image) -> bytes:
+    """``image`` encoded as PNG."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
-def _overlay(image: Image.Image, row: Sequence[PairResult], phrases: Sequence[str]) -> Image.Image:
-    base = image.convert("RGB")
-    colour_layer = np.asarray(base, dtype=np.float32).copy()
-    for j, result in enumerate(row):
-        colour = np.array(PALETTE[j % len(PALETTE)], dtype=np.float32)
-        for k in range(result.scores.shape[0]):
-            m = result.masks[k, 0].numpy()
-            colour_layer[m] = 0.55 * colour_layer[m] + 0.45 * colour
-    out = Image.fromarray(np.clip(colour_layer, 0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(out)
+@dataclasses.dataclass
+class EncodedImage:
+    """Everything written for one image.
+
+    ``phrases[j]`` is ``{"phrase": str, "instances": [{"score": float, "box_xyxy": [4 floats],
+    "area": int, "rle": {"size", "counts"}}]}`` in the order the model's queries kept them;
+    ``mask_pngs[j]`` the instance-label PNG of phrase ``j`` (``0`` background, ``k`` the
+    ``k``-th instance; 8-bit, 16-bit above 255 instances), empty when masks were not asked
+    for; ``overlay_png`` the overlay, None when not asked for.
+    """
+
+    width: int
+    height: int
+    phrases: list[dict[str, Any]]
+    mask_pngs: list[bytes]
+    overlay_png: bytes | None
+
+
+def _blend(canvas: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int]) -> None:
+    """Blend ``colour`` into the pixels of ``canvas`` (uint8 ``[H, W, 3]``) under ``mask``."""
+    where = np.nonzero(mask)
+    pixels = canvas[where].astype(np.float32)
+    pixels *= 1.0 - OVERLAY_ALPHA
+    pixels += OVERLAY_ALPHA * np.asarray(colour, dtype=np.float32)
+    canvas[where] = np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
+
+
+def _draw_boxes(
+    overlay: Image.Image, boxes: Sequence[tuple[int, tuple[float, ...], float]], phrases: Sequence[str]
+) -> None:
+    """Boxes and ``phrase score`` labels, each in its phrase's colour, ``(phrase index, box,
+    score)`` per instance."""
+    draw = ImageDraw.Draw(overlay)
     font = ImageFont.load_default()
-    line = max(2, min(out.size) // 300)
-    for j, result in enumerate(row):
+    line = max(2, min(overlay.size) // 300)
+    for j, (x0, y0, x1, y1), score in boxes:
         colour = PALETTE[j % len(PALETTE)]
-        for k in range(result.scores.shape[0]):
-            x0, y0, x1, y1 = (float(v) for v in result.boxes[k])
-            draw.rectangle([x0, y0, x1, y1], outline=colour, width=line)
-            label = f"{phrases[j]} {float(result.scores[k]):.2f}"
-            tx, ty = x0 + line, max(0.0, y0 - 12)
-            bbox = draw.textbbox((tx, ty), label, font=font)
-            draw.rectangle(bbox, fill=colour)
-            draw.text((tx, ty), label, fill=(255, 255, 255), font=font)
-    return out
+        draw.rectangle([x0, y0, x1, y1], outline=colour, width=line)
+        label = f"{phrases[j]} {score:.2f}"
+        tx, ty = x0 + line, max(0.0, y0 - 12)
+        draw.rectangle(draw.textbbox((tx, ty), label, font=font), fill=colour)
+        draw.text((tx, ty), label, fill=(255, 255, 255), font=font)
 
 
-def write_results(
-    out_dir: Path,
-    image_paths: Sequence[Path],
-    images: Sequence[Image.Image],
+def encode_image(
+    image: Image.Image,
     phrases: Sequence[str],
-    results: Sequence[Sequence[PairResult]],
+    pairs: Sequence[KeptPair],
     *,
-    threshold: float,
-    model: dict[str, Any],
-) -> dict[str, Any]:
-    """Write everything into ``out_dir`` (which must exist and be empty); return the JSON."""
-    doc: dict[str, Any] = {
-        "model": model,
-        "threshold": threshold,
-        "phrases": list(phrases),
-        "images": [],
-    }
-    for i, (path, image, row) in enumerate(zip(image_paths, images, results, strict=True)):
-        stem = f"{i:02d}_{_slug(Path(path).stem)}"
-        overlay_name = f"{stem}_overlay.png"
-        _overlay(image, row, phrases).save(out_dir / overlay_name)
-        entry: dict[str, Any] = {
-            "path": str(path),
-            "width": image.width,
-            "height": image.height,
-            "overlay": overlay_name,
-            "phrases": [],
-        }
-        for j, (phrase, result) in enumerate(zip(phrases, row, strict=True)):
-            mask_name = f"{stem}__{j:02d}_{_slug(phrase)}.png"
-            _label_png(result, image.height, image.width).save(out_dir / mask_name)
-            entry["phrases"].append(
+    masks: bool = True,
+    overlay: bool = True,
+) -> EncodedImage:
+    """Encode ``pairs[j]`` (what phrase ``j`` kept on the RGB ``image``) as :class:`EncodedImage`.
+
+    Raises ``ValueError`` when ``pairs`` and ``phrases`` differ in length or a pair was
+    post-processed for another image size.
+    """
+    if len(pairs) != len(phrases):
+        raise ValueError(f"pairs: expected one per phrase ({len(phrases)}), got {len(pairs)}")
+    width, height = image.size
+    canvas = np.array(image if image.mode == "RGB" else image.convert("RGB")) if overlay else None
+    records: list[dict[str, Any]] = []
+    mask_pngs: list[bytes] = []
+    boxes: list[tuple[int, tuple[float, ...], float]] = []
+    for j, (phrase, pair) in enumerate(zip(phrases, pairs, strict=True)):
+        if (pair.height, pair.width) != (height, width):
+            raise ValueError(
+                f"pairs[{j}]: expected masks for a {width}x{height} image, got {pair.width}x{pair.height}"
+            )
+        labels = (
+            np.zeros((height, width), dtype=np.uint16 if len(pair) > 255 else np.uint8) if masks else None
+        )
+        instances = []
+        for k, inst in enumerate(pair.instances()):
+            instances.append(
                 {
-                    "phrase": phrase,
-                    "mask_png": mask_name,
-                    "instances": [
-                        {
-                            "score": inst.score,
-                            "box_xyxy": list(inst.box),
-                            "area": int(inst.mask.sum()),
-                            "rle": encode_rle(inst.mask),
-                        }
-                        for inst in result.instances()
-                    ],
+                    "score": inst.score,
+                    "box_xyxy": list(inst.box),
+                    "area": int(inst.mask.sum()),
+                    "rle": encode_rle(inst.mask),
                 }
             )
-        doc["images"].append(entry)
-    (out_dir / "results.json").write_text(json.dumps(doc, indent=2) + "\n")
-    return doc
-
-
-def replace_dir_atomically(staging: Path, out: Path, *, force: bool) -> None:
-    """Move a fully written ``staging`` directory to ``out``; an existing ``out`` is replaced
-    only with ``force`` (and only after the new one is complete)."""
-    import os
-    import shutil
-    import tempfile
-
-    if out.exists():
-        if not force:
-            raise FileExistsError(f"--out {out}: exists; pass --force to overwrite")
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-        try:
-            os.replace(out, old / out.name)
-            os.replace(staging, out)
-        finally:
-            shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, out)
+            if labels is not None:
+                labels[inst.mask] = k + 1
+            if canvas is not None:
+                _blend(canvas, inst.mask, PALETTE[j % len(PALETTE)])
+                boxes.append((j, inst.box, inst.score))
+        records.append({"phrase": phrase, "instances": instances})
+        if labels is not None:
+            mask_pngs.append(png_bytes(Image.fromarray(labels)))
+            del labels
+    overlay_png = None
+    if canvas is not None:
+        drawn = Image.fromarray(canvas)
+        del canvas
+        _draw_boxes(drawn, boxes, phrases)
+        overlay_png = png_bytes(drawn)
+    return EncodedImage(
+        width=width, height=height, phrases=records, mask_pngs=mask_pngs, overlay_png=overlay_png
+    )

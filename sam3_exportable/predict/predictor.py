@@ -27,7 +27,17 @@ from ..errors import ArtifactError, InputSpecError
 from ..tokenizer import BPE_VOCAB_SHA256, Tokenizer, validate_phrases
 from .images import DEFAULT_MAX_PIXELS, ImageInput, to_rgb
 
-__all__ = ["Instance", "PairResult", "Predictor", "iter_instances", "postprocess"]
+__all__ = [
+    "Instance",
+    "KeptPair",
+    "PairResult",
+    "Predictor",
+    "iter_instances",
+    "keep_pair",
+    "manifest_tokenizer",
+    "postprocess",
+    "tokenize_phrases",
+]
 
 
 @dataclasses.dataclass
@@ -96,6 +106,53 @@ def postprocess(
     return PairResult(scores=probs, boxes=boxes, masks=up > 0.5, masks_logits=up)
 
 
+@dataclasses.dataclass
+class KeptPair:
+    """The queries one image-phrase pair keeps, before upsampling (what :func:`keep_pair`
+    returns): ``scores`` float32 ``[K]``, ``boxes`` float32 ``[K, 4]`` pixel xyxy,
+    ``low_masks`` float32 ``[K, h, w]`` mask logits at the graph's resolution, and the image
+    size ``height`` x ``width`` the masks upsample to. The tensors are copies, so the graph's
+    outputs can be freed while a ``KeptPair`` is kept."""
+
+    scores: torch.Tensor
+    boxes: torch.Tensor
+    low_masks: torch.Tensor
+    height: int
+    width: int
+
+    def __len__(self) -> int:
+        return int(self.scores.shape[0])
+
+    def instances(self) -> Iterator[Instance]:
+        """The kept instances with the masks :func:`postprocess` gives, one upsampled at a
+        time: memory stays at one full-size mask however many instances a large image has."""
+        size = (self.height, self.width)
+        for k in range(len(self)):
+            up = F.interpolate(
+                self.low_masks[k : k + 1].unsqueeze(1), size, mode="bilinear", align_corners=False
+            )
+            mask = up.sigmoid_()[0, 0] > 0.5
+            del up
+            box = tuple(float(v) for v in self.boxes[k])
+            yield Instance(score=float(self.scores[k]), box=box, mask=mask.numpy())  # type: ignore[arg-type]
+
+
+def keep_pair(
+    logits: torch.Tensor,
+    boxes: torch.Tensor,
+    masks: torch.Tensor,
+    presence: torch.Tensor,
+    *,
+    height: int,
+    width: int,
+    threshold: float,
+) -> KeptPair:
+    """The queries of one pair (inputs with a leading pair dim of 1) whose score exceeds
+    ``threshold``, by upstream's rule (:func:`postprocess` without the upsampling)."""
+    probs, pixel_boxes, low = _keep(logits, boxes, masks, presence, threshold, height, width)
+    return KeptPair(scores=probs, boxes=pixel_boxes, low_masks=low, height=height, width=width)
+
+
 def iter_instances(
     logits: torch.Tensor,
     boxes: torch.Tensor,
@@ -106,14 +163,41 @@ def iter_instances(
     width: int,
     threshold: float,
 ) -> Iterator[Instance]:
-    """The instances :func:`postprocess` keeps, with the same masks, one upsampled at a time:
-    memory stays at one full-size mask however many instances a large image has."""
-    probs, boxes, low = _keep(logits, boxes, masks, presence, threshold, height, width)
-    for k in range(probs.shape[0]):
-        up = F.interpolate(low[k : k + 1].unsqueeze(1), (height, width), mode="bilinear", align_corners=False)
-        mask = up.sigmoid_()[0, 0] > 0.5
-        del up
-        yield Instance(score=float(probs[k]), box=tuple(float(v) for v in boxes[k]), mask=mask.numpy())  # type: ignore[arg-type]
+    """The instances :func:`postprocess` keeps, with the same masks, one upsampled at a time
+    (:meth:`KeptPair.instances` of :func:`keep_pair`)."""
+    kept = keep_pair(logits, boxes, masks, presence, height=height, width=width, threshold=threshold)
+    yield from kept.instances()
+
+
+def manifest_tokenizer(manifest: dict[str, Any]) -> Tokenizer:
+    """Upstream's tokenizer with the context length an artifact's ``manifest`` states.
+
+    Raises :class:`~..errors.ArtifactError` when the manifest expects another BPE vocab than
+    this install's.
+    """
+    expected = manifest.get("tokenizer", {}).get("bpe_vocab_sha256", BPE_VOCAB_SHA256)
+    if expected != BPE_VOCAB_SHA256:
+        raise ArtifactError(
+            f"manifest tokenizer: expects BPE vocab sha256 {expected}, this install has {BPE_VOCAB_SHA256}"
+        )
+    return Tokenizer(int(manifest["context_length"]))
+
+
+def tokenize_phrases(tokenizer: Tokenizer, phrases: Sequence[str] | str) -> torch.Tensor:
+    """Token ids ``[P, context_length]`` int64 of ``phrases``; warns (``UserWarning``) when a
+    phrase is truncated to the context length. Raises :class:`~..errors.InputSpecError` for
+    no phrase, a blank one, or one with no token."""
+    phrases = validate_phrases(phrases)
+    ids = tokenizer(phrases)
+    for phrase in phrases:
+        n = len(tokenizer.encode(phrase)) + 2
+        if n > tokenizer.context_length:
+            warnings.warn(
+                f"phrase {phrase!r} has {n} tokens with start/end; truncated to the "
+                f"artifact's context length {tokenizer.context_length}",
+                stacklevel=3,
+            )
+    return ids
 
 
 class Predictor:
@@ -153,29 +237,12 @@ class Predictor:
     @property
     def tokenizer(self) -> Tokenizer:
         if self._tokenizer is None:
-            expected = self.manifest.get("tokenizer", {}).get("bpe_vocab_sha256", BPE_VOCAB_SHA256)
-            if expected != BPE_VOCAB_SHA256:
-                raise ArtifactError(
-                    f"manifest tokenizer: expects BPE vocab sha256 {expected}, this install has "
-                    f"{BPE_VOCAB_SHA256}"
-                )
-            self._tokenizer = Tokenizer(self.context_length)
+            self._tokenizer = manifest_tokenizer(self.manifest)
         return self._tokenizer
 
     def tokenize(self, phrases: Sequence[str] | str) -> torch.Tensor:
         """Token ids ``[P, context_length]``; warns when a phrase is truncated."""
-        phrases = validate_phrases(phrases)
-        tok = self.tokenizer
-        ids = tok(phrases)
-        for phrase in phrases:
-            n = len(tok.encode(phrase)) + 2
-            if n > self.context_length:
-                warnings.warn(
-                    f"phrase {phrase!r} has {n} tokens with start/end; truncated to the "
-                    f"artifact's context length {self.context_length}",
-                    stacklevel=2,
-                )
-        return ids
+        return tokenize_phrases(self.tokenizer, phrases)
 
     def load(self, images: Sequence[ImageInput]) -> list[Image.Image]:
         """Every image as 8-bit RGB (:func:`.images.to_rgb`)."""
@@ -194,6 +261,62 @@ class Predictor:
         token_ids = self.tokenize(phrases)
         with torch.inference_mode():
             return self.artifact(self.preprocess(images), token_ids)
+
+    def kept_pairs(
+        self,
+        images: Sequence[ImageInput],
+        phrases: Sequence[str] | str,
+        *,
+        threshold: float = 0.5,
+        max_pairs: int | None = None,
+    ) -> list[list[KeptPair]]:
+        """``kept[i][j]``: what image ``i`` and phrase ``j`` keep (:func:`keep_pair`), the masks
+        not yet upsampled (:meth:`KeptPair.instances` does that one at a time).
+
+        With ``max_pairs`` the phrases go through the graph in chunks of ``max_pairs // B``
+        (``B = len(images)``), each chunk's outputs reduced to the kept queries before the next
+        call, so a call holds at most ``max_pairs`` pairs however many phrases there are. The
+        scores then differ from one call of all pairs in the last bits (other matmul sizes).
+
+        Raises :class:`~..errors.InputSpecError` for no image, a bad phrase or threshold, or
+        ``max_pairs`` below ``B``.
+        """
+        if not 0.0 <= threshold <= 1.0:
+            raise InputSpecError(f"threshold: expected a value in [0, 1], got {threshold}")
+        phrases = validate_phrases(phrases)
+        rgb = self.load(images)
+        if not rgb:
+            raise InputSpecError("images: expected at least one image, got none")
+        chunk = len(phrases)
+        if max_pairs is not None:
+            if max_pairs < len(rgb):
+                raise InputSpecError(
+                    f"max_pairs: expected at least one pair per image ({len(rgb)} images), got {max_pairs}"
+                )
+            chunk = min(chunk, max_pairs // len(rgb))
+        token_ids = self.tokenize(phrases)
+        pixels = self.preprocess(rgb)
+        kept: list[list[KeptPair]] = [[] for _ in rgb]
+        for start in range(0, len(phrases), chunk):
+            ids = token_ids[start : start + chunk]
+            with torch.inference_mode():
+                logits, boxes, masks, presence = self.artifact(pixels, ids)
+            n = ids.shape[0]
+            for i, img in enumerate(rgb):
+                for k in range(i * n, (i + 1) * n):
+                    kept[i].append(
+                        keep_pair(
+                            logits[k : k + 1],
+                            boxes[k : k + 1],
+                            masks[k : k + 1],
+                            presence[k : k + 1],
+                            height=img.height,
+                            width=img.width,
+                            threshold=threshold,
+                        )
+                    )
+            del logits, boxes, masks, presence
+        return kept
 
     def predict(
         self,
