@@ -46,6 +46,23 @@ def _shape(text: str) -> tuple[int, int]:
     return b, p
 
 
+def _name_list(text: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    return names
+
+
+def _shape_list(text: str) -> list[tuple[int, int]]:
+    shapes = []
+    for item in (t.strip() for t in text.split(",")):
+        b, sep, p = item.partition("x")
+        if not (sep and b.isdigit() and p.isdigit() and int(b) >= 1 and int(p) >= 1):
+            raise argparse.ArgumentTypeError(f"expected shapes like 1x1,2x3 (B x P, each >= 1), got {text!r}")
+        shapes.append((int(b), int(p)))
+    return shapes
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -215,7 +232,7 @@ def tokenize_command(args: argparse.Namespace) -> int:
 def bench_command(args: argparse.Namespace) -> int:
     import time
 
-    from .bench.plan import plan_for
+    from .bench.plan import narrowed, plan_for
     from .bench.report import format_measured, verdict
     from .bench.run import run_bench
 
@@ -226,6 +243,7 @@ def bench_command(args: argparse.Namespace) -> int:
         all_shapes=args.all_shapes,
         malloc=args.malloc,
     )
+    plan = narrowed(plan, variants=args.variants, shapes=args.shapes, runs=args.runs, skip=args.skip or ())
     start = time.perf_counter()
     doc = run_bench(
         plan,
@@ -407,6 +425,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "--all-shapes", action="store_true", help="full size: every variant at every shape (much longer)"
+    )
+    bench.add_argument(
+        "--variants",
+        type=_name_list,
+        help="comma-separated variants to time (default all of the preset: eager, exported, aoti, "
+        "bf16, onnx, onnx-int8)",
+    )
+    bench.add_argument(
+        "--shapes", type=_shape_list, help="comma-separated BxP shapes to keep of the preset, e.g. 1x1,2x3"
+    )
+    bench.add_argument("--runs", type=_positive_int, help="timed runs per latency job (default 3)")
+    bench.add_argument(
+        "--skip",
+        type=_name_list,
+        help="comma-separated sections to leave out: loads, allocator, scaling, profiles, throughput",
     )
     bench.add_argument("--resume", action="store_true", help="continue OUT/results.json")
     bench.add_argument("--force", action="store_true", help="start over, replacing OUT/results.json")

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import TINY_ONNX_BOUNDS as ONNX_BOUNDS
 
 from sam3_exportable import cli
 from sam3_exportable.allocator import glibc_version
@@ -21,6 +22,8 @@ from sam3_exportable.bench import (
     run_bench,
     stat,
 )
+from sam3_exportable.contract import OUTPUT_NAMES
+from sam3_exportable.verify import exceeded_bounds
 
 # -- helpers ------------------------------------------------------------------------------
 
@@ -94,7 +97,8 @@ def test_plans_and_bad_sizes() -> None:
     quick = plan_for("tiny", quick=True)
     assert "aoti" not in quick.variants and not quick.aoti
     full = plan_for("full")
-    assert full.variants == ["eager", "exported", "aoti", "bf16"]
+    assert full.variants == ["eager", "exported", "aoti", "bf16", "onnx", "onnx-int8"]
+    assert full.matrix["onnx"] == full.matrix["onnx-int8"] == [(1, 1), (2, 3)] and full.onnx
     assert full.matrix["eager"] == [(1, 1), (2, 3), (1, 8)]
     assert full.matrix["bf16"] == [(1, 1), (2, 1), (4, 1)]  # the per-image cost in B
     assert set(full.matrix["exported"]) == {(1, 1), (2, 1), (4, 1), (2, 3), (1, 8)}
@@ -109,6 +113,31 @@ def test_plans_and_bad_sizes() -> None:
     assert plan_for("tiny", quick=True, malloc="default").malloc == "default"
     with pytest.raises(ValueError, match=r"malloc: expected one of \['retain', 'default'\], got 'jemalloc'"):
         plan_for("tiny", malloc="jemalloc")
+
+
+def test_narrowed_plans_keep_what_was_asked_and_refuse_the_rest(capsys) -> None:
+    from sam3_exportable.bench.plan import narrowed
+
+    full = plan_for("full")
+    plan = narrowed(
+        full,
+        variants=["eager", "bf16", "onnx"],
+        shapes=[(1, 1), (2, 3), (4, 1)],
+        runs=2,
+        skip=["profiles", "allocator"],
+    )
+    assert plan.matrix == {"eager": [(1, 1), (2, 3)], "bf16": [(1, 1), (4, 1)], "onnx": [(1, 1), (2, 3)]}
+    assert plan.runs == 2 and plan.profiles == [] and not plan.allocator_baseline and not plan.aoti
+    assert plan.throughput == full.throughput and plan.scaling_prompts == full.scaling_prompts
+    assert narrowed(full, variants=["exported"]).profiles == [("exported", 1, 1), ("exported", 2, 1)]
+    with pytest.raises(ValueError, match=r"--variants: expected some of eager, .*got fp64"):
+        narrowed(full, variants=["fp64"])
+    with pytest.raises(ValueError, match="--shapes: no chosen variant of this plan runs at 3x3"):
+        narrowed(full, shapes=[(1, 1), (3, 3)])
+    with pytest.raises(ValueError, match=r"--skip: expected some of loads, .*got plots"):
+        narrowed(full, skip=["plots"])
+    assert cli.main(["bench", "--shapes", "2by3"]) == 2
+    assert "expected shapes like 1x1,2x3" in capsys.readouterr().err
 
 
 # -- a quick tiny run ---------------------------------------------------------------------
@@ -160,7 +189,8 @@ def test_quick_bench_writes_results_and_plots(quick_run: tuple[Path, int]) -> No
 
     rows = {(r["variant"], r["B"], r["P"]): r for r in doc["latency"]}
     shapes = [(1, 1), (2, 1), (1, 8)]
-    assert set(rows) == {(v, b, p) for v in ("eager", "exported", "bf16") for b, p in shapes}
+    variants = ("eager", "exported", "bf16", "onnx", "onnx-int8")
+    assert set(rows) == {(v, b, p) for v in variants for b, p in shapes}
     for (variant, b, p), row in rows.items():
         assert _is_stat(row["seconds"]) and _is_stat(row["peak_rss_gib"])
         assert row["load_s"] > 0 and row["ratio_to_eager"] > 0
@@ -175,6 +205,16 @@ def test_quick_bench_writes_results_and_plots(quick_run: tuple[Path, int]) -> No
     bf16 = parity["bf16_vs_fp32_eager"]
     assert set(bf16["max_abs_diff"]) == set(bf16["bitwise"])
     assert isinstance(bf16["kept_at_0.5"]["identical"], bool)
+    assert exceeded_bounds(parity["onnx_vs_eager"], ONNX_BOUNDS) == {}
+    assert set(parity["onnx-int8_vs_onnx"]["max_abs_diff"]) == set(OUTPUT_NAMES)
+
+    onnx = doc["onnx"]
+    assert set(onnx["export"]) >= {"build", "export", "onnx", "quantize"} and onnx["export_peak_rss_gib"] > 0
+    assert set(onnx["sizes_mib"]) == {"onnx", "onnx-int8"}
+    assert [(r["B"], r["P"]) for r in onnx["rows"]] == [(1, 1), (2, 1), (1, 8)]
+    for row in onnx["rows"]:
+        assert row["int8_speedup_vs_onnx"] > 0 and row["onnx_peak_rss_vs_pt2"] > 0
+    assert "## ONNX (onnxruntime, CPU)" in (out / "summary.md").read_text()
 
     scaling = doc["scaling"]
     assert [pt["P"] for pt in scaling["prompts_at_B1"]] == [1, 2, 8]
@@ -186,7 +226,8 @@ def test_quick_bench_writes_results_and_plots(quick_run: tuple[Path, int]) -> No
     keys = {"target", "measured", "met", "unit", "applies_to", "applicable"}
     assert all(keys <= set(t) for t in doc["targets"])
     assert any("P=32" in n for n in names) and any("load" in n for n in names)
-    assert {"exported time(B=2) / time(B=1), P=1", "bf16 time(B=4) / time(B=1), P=1"} <= set(names)
+    assert {"exported time(B=2) / time(B=1), P=1", "bf16 time(B=2) / time(B=1), P=1"} <= set(names)
+    assert "ONNX peak RSS / .pt2 peak RSS at (2,3)" in names
     compare = {"<=": float.__le__, ">=": float.__ge__, "<": float.__lt__}
     for t in doc["targets"]:
         op, bound = t["target"].split()

@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from PIL import Image
 
 import sam3_exportable as s3e
 from sam3_exportable.artifact import manifest_path
@@ -70,6 +71,13 @@ def test_cli_refuses_a_partial_checkpoint_and_writes_nothing(partial, tmp_path: 
     total = len(s3e.build_model("tiny").state_dict())
     assert model["missing_keys"] == total - 1 and model["random_weights"] is False
     assert model["checkpoint"] == str(partial)
+    # predict says so, as it does for random weights
+    image = tmp_path / "i.png"
+    Image.new("RGB", (64, 48)).save(image)
+    predicted = [*("predict", "--model", str(out), "--image", str(image), "--prompt", "a dog")]
+    assert main([*predicted, "--out", str(tmp_path / "pred"), "--malloc", "default"]) == 0
+    printed = capsys.readouterr().out
+    assert f"NOTE: {total - 1} tensors of this artifact kept their random initialisation" in printed
 
 
 def test_legacy_non_zip_checkpoints_load(source, tmp_path: Path) -> None:

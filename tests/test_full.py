@@ -1,5 +1,5 @@
 """Full-size (840M parameters) tier: one export per session, parity, fresh-process load, the
-memory of a batch job with many phrases."""
+ONNX graph in an onnxruntime-only process, the memory of a batch job with many phrases."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import assert_bitwise, eager, example_inputs, run_in_fresh_process
+from conftest import assert_bitwise, eager, example_inputs, run_in_fresh_process, run_in_onnxruntime_only
 from PIL import Image
 
 import sam3_exportable as s3e
@@ -19,6 +19,7 @@ from sam3_exportable.artifact import save_pipeline
 from sam3_exportable.batch import DEFAULT_MAX_PAIRS
 from sam3_exportable.export import audit_dynamic_shapes, export_full_pipeline
 from sam3_exportable.predict import Predictor, load_image
+from sam3_exportable.verify import compare_parity, exceeded_bounds, format_parity, same_instances
 
 pytestmark = pytest.mark.full
 
@@ -124,3 +125,45 @@ def test_full_predict_with_32_phrases_stays_under_8_gib(full_ep, tmp_path: Path)
     assert peak <= BATCH_PEAK_RSS_BOUND
     lines = (out / "results.jsonl").read_text().splitlines()
     assert len(lines) == 3 and all(len(json.loads(line)["phrases"]) == 32 for line in lines)
+
+
+# -- ONNX at full size -----------------------------------------------------------------------
+
+#: Bounds of the full-size graph against eager (measured on torch 2.14.1, onnxruntime 1.32,
+#: CPU, random weights: masks 1.2e-4, logits 8.2e-7, boxes 2.1e-7, presence 1.3e-6).
+FULL_ONNX_BOUNDS = {"pred_logits": 1e-5, "pred_boxes": 1e-5, "pred_masks": 1e-3, "presence_logit_dec": 1e-5}
+
+
+@pytest.fixture(scope="module")
+def full_onnx(full_wrapper, tmp_path_factory) -> Path:
+    """The full-size graph, exported (optimizer on, as the CLI does) from its own trace."""
+    from sam3_exportable.artifact.onnx import export_onnx
+
+    path = tmp_path_factory.mktemp("onnx") / "sam3.onnx"
+    export_onnx(export_full_pipeline(full_wrapper.model, target="onnx"), path)
+    return path
+
+
+def test_full_onnx_keeps_named_symbolic_dims(full_onnx) -> None:
+    from sam3_exportable.artifact.onnx import audit_onnx
+
+    report = audit_onnx(full_onnx)
+    assert report["inputs"] == {"images": ["batch", 3, 1008, 1008], "token_ids": ["num_prompts", 32]}
+    assert {dims[0] for dims in report["outputs"].values()} == {"batch*num_prompts"}
+    assert report["zero_size_values"] == 0
+
+
+def test_full_onnx_in_an_onnxruntime_only_process_within_bounds(
+    full_wrapper, full_onnx, tmp_path: Path
+) -> None:
+    """Shapes never used at export time (it traces at B = P = 3), run by onnxruntime alone."""
+    shapes = [(1, 1), (2, 2)]
+    inputs = [example_inputs(full_wrapper, b, p, seed=21) for b, p in shapes]
+    results = run_in_onnxruntime_only(full_onnx, inputs, tmp_path, timeout=1800)
+    for (batch, prompts), got in zip(shapes, results, strict=True):
+        parity = compare_parity(_eager(full_wrapper, batch, prompts), got)
+        print("\n".join(format_parity(parity, f"({batch},{prompts})")))
+        assert [o.shape[0] for o in got] == [batch * prompts] * 4
+        assert exceeded_bounds(parity, FULL_ONNX_BOUNDS) == {}, parity["max_abs_diff"]
+        assert same_instances(parity), parity
+        assert parity["kept_at_top10"]["kept"] == 10 * batch * prompts

@@ -109,7 +109,7 @@ def test_32_bit_integer_tiffs_in_16_bit_range_are_scaled_not_saturated(tmp_path)
         (np.zeros((4, 4, 2), np.uint8), r"expected an array \[H, W\] or \[H, W, C\] with C in 1, 3, 4"),
         (np.zeros((0, 4, 3), np.uint8), "got an empty image"),
         ("not/a/file.png", "no such file"),
-        (12, "expected a file path, a PIL image, a numpy array"),
+        (12, "expected a file path, file bytes, a PIL image, a numpy array"),
     ],
 )
 def test_unconvertible_images_are_refused_by_name(array, message) -> None:
@@ -187,3 +187,68 @@ def test_token_ids_match_upstream_on_separators_and_long_phrases() -> None:
     ours, upstream = _tokenizers(SimpleTokenizer)
     for text in ["x\x1cy", "a\x1f\x1ered car", "dog " * 40, "Café\u00a0NAÏVE", "it's   the man's"]:
         assert torch.equal(ours([text]), upstream([text], context_length=32)), repr(text)
+
+
+# -- through the command line -------------------------------------------------------------
+
+_PEAK_OF_CHILD = (
+    "import resource, subprocess, sys; "
+    "status = subprocess.run(sys.argv[1:], capture_output=True).returncode; "
+    "print(status, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_artifact(tiny_ep, tmp_path_factory) -> Path:
+    from sam3_exportable.artifact import save_pipeline
+
+    path = tmp_path_factory.mktemp("artifact") / "tiny.pt2"
+    save_pipeline(tiny_ep, path)
+    return path
+
+
+def _predict_peak(artifact: Path, image: Path, out: Path) -> tuple[int, int]:
+    """(exit status, peak RSS in bytes) of `predict` on one image with nothing kept."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "sam3_exportable.cli", "predict", "--model", str(artifact)]
+    command += ["--image", str(image), "--prompt", "a dog", "--threshold", "1.0", "--out", str(out)]
+    command += ["--malloc", "default"]  # live memory: "retain" keeps what was freed, by design
+    run = subprocess.run(
+        [sys.executable, "-c", _PEAK_OF_CHILD, *command], capture_output=True, text=True, timeout=600
+    )
+    status, peak_kib = run.stdout.split()
+    return int(status), int(peak_kib) * 1024
+
+
+def test_a_huge_image_costs_little_more_memory_than_a_small_one(tiny_artifact, tmp_path: Path) -> None:
+    """Pre- and post-processing hold one copy of the pixels beside the decoded image, and at
+    most one mask at the image's size: a 12000x12000 image with no instance kept stays within
+    1 GiB of the same run on a 1000x1000 image (overlay and mask PNGs written)."""
+    peaks = {}
+    for side in (1000, 12000):
+        image = tmp_path / f"{side}.png"
+        Image.new("RGB", (side, side), (120, 80, 40)).save(image)
+        status, peaks[side] = _predict_peak(tiny_artifact, image, tmp_path / f"out-{side}")
+        assert status == 0
+    assert peaks[12000] - peaks[1000] <= 2**30, {k: v / 2**30 for k, v in peaks.items()}
+
+
+def test_predict_reports_a_decompression_bomb_by_path_and_goes_on(
+    tiny_artifact, tmp_path: Path, capsys
+) -> None:
+    from sam3_exportable.cli import main
+
+    bomb, fine = tmp_path / "bomb.png", tmp_path / "fine.png"
+    bomb.write_bytes(_png_header_only(100_000, 100_000))
+    Image.new("RGB", (64, 48)).save(fine)
+    out = tmp_path / "out"
+    args = ["predict", "--model", str(tiny_artifact), "--image", str(bomb), "--image", str(fine)]
+    assert main([*args, "--prompt", "a dog", "--out", str(out), "--malloc", "default"]) == 1
+    err = capsys.readouterr().err
+    assert f"skipped image {bomb}: expected at most" in err and "got 100000x100000" in err
+    assert "Traceback" not in err
+    (line,) = (out / "errors.jsonl").read_text().splitlines()
+    assert "--max-pixels" in line
+    assert len((out / "results.jsonl").read_text().splitlines()) == 1

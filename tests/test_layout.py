@@ -28,6 +28,18 @@ def test_import_contracts_hold() -> None:
     assert "4 kept, 0 broken" in run.stdout
 
 
+@pytest.mark.parametrize("command", [["check"], ["format", "--check"]], ids=["lint", "format"])
+def test_ruff_is_clean(command: list[str]) -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "ruff", *command, "sam3_exportable", "tests", "scripts"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+
+
 def test_the_loading_side_runs_without_importing_sam3() -> None:
     script = textwrap.dedent(
         """

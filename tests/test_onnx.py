@@ -4,15 +4,12 @@ of eager, loadable by the one loader and by a process that has only onnxruntime 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import eager, example_inputs
+from conftest import TINY_ONNX_BOUNDS, eager, example_inputs, run_in_onnxruntime_only
 from PIL import Image
 
 import sam3_exportable as s3e
@@ -24,10 +21,7 @@ from sam3_exportable.export import build_artifact, export_full_pipeline
 from sam3_exportable.patching.selection import patch_by_name
 from sam3_exportable.verify import compare_parity, exceeded_bounds, same_instances
 
-#: Bounds of the graph against eager on the tiny model (measured on torch 2.14.1, onnxruntime
-#: 1.32, CPU: 3e-7 / 1.2e-7 / 3.3e-6 / 9.5e-7 at (1,1)-(4,5)): onnxruntime's kernels round
-#: differently, so the graph is close to eager, not bitwise equal.
-BOUNDS = {"pred_logits": 1e-5, "pred_boxes": 1e-5, "pred_masks": 1e-4, "presence_logit_dec": 1e-5}
+BOUNDS = TINY_ONNX_BOUNDS
 #: Shapes never used at export time (it traces at B = P = 3).
 UNSEEN = [(1, 1), (1, 5), (4, 1), (4, 5)]
 
@@ -66,40 +60,9 @@ def test_unseen_shapes_follow_b_times_p_within_bounds(onnx_pair, tiny_wrapper, b
     assert parity["kept_at_top10"]["kept"] == 10 * batch * prompts
 
 
-_ORT_ONLY = textwrap.dedent(
-    """
-    import sys
-    import numpy as np
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
-    feeds = dict(np.load(sys.argv[2]))
-    outputs = session.run(None, {"images": feeds["images"], "token_ids": feeds["token_ids"]})
-    np.savez(sys.argv[3], *outputs)
-    assert "torch" not in sys.modules and "sam3_exportable" not in sys.modules, "imported torch"
-    print([o.shape for o in outputs])
-    """
-)
-
-
 def test_a_process_with_only_onnxruntime_and_numpy_runs_it(onnx_pair, tiny_wrapper, tmp_path: Path) -> None:
     inputs = example_inputs(tiny_wrapper, 4, 5, seed=3)
-    np.savez(tmp_path / "in.npz", images=inputs[0].numpy(), token_ids=inputs[1].numpy())
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            _ORT_ONLY,
-            str(onnx_pair[0]),
-            str(tmp_path / "in.npz"),
-            str(tmp_path / "out.npz"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    got = [torch.from_numpy(a) for a in np.load(tmp_path / "out.npz").values()]
+    (got,) = run_in_onnxruntime_only(onnx_pair[0], [inputs], tmp_path, timeout=300)
     parity = compare_parity(eager(tiny_wrapper, *inputs), got)
     assert exceeded_bounds(parity, BOUNDS) == {} and same_instances(parity)
 

@@ -4,6 +4,7 @@ of its jobs and files, declared once here."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -13,13 +14,17 @@ __all__ = [
     "AOTI_COMPILE",
     "IMPORTS",
     "MATMUL_PEAK",
+    "ONNX_EXPORT",
+    "ONNX_VARIANTS",
     "PROFILE_LOAD",
+    "SECTIONS",
     "VARIANTS",
     "BenchPlan",
     "artifact_name",
     "export_key",
     "latency_key",
     "load_key",
+    "narrowed",
     "outputs_name",
     "plan_for",
     "profile_key",
@@ -35,13 +40,18 @@ VARIANTS: dict[str, dict[str, str] | None] = {
     "exported": {"kind": "pt2", "autocast": "none"},
     "aoti": {"kind": "aoti", "autocast": "none"},
     "bf16": {"kind": "pt2", "autocast": "bf16"},
+    "onnx": {"kind": "onnx", "autocast": "none"},
+    "onnx-int8": {"kind": "onnx-int8", "autocast": "none"},
 }
+#: Variants that run an ONNX graph (one export job writes both).
+ONNX_VARIANTS = ("onnx", "onnx-int8")
 
 # -- job keys: every job's key in results.json["jobs"] comes from one of these ---------------
 MATMUL_PEAK = "matmul_peak"
 IMPORTS = "imports"
 AOTI_COMPILE = "aoti_compile"
 PROFILE_LOAD = "profile/load"
+ONNX_EXPORT = "export/onnx"
 ALLOCATOR_BASELINE = "allocator/eager-default/1x1"
 
 
@@ -81,7 +91,8 @@ def artifact_name(variant: str) -> str:
     spec = VARIANTS[variant]
     assert spec is not None
     stem = "sam3" if spec["autocast"] == "none" else f"sam3-{spec['autocast']}"
-    return f"{stem}.aoti.pt2" if spec["kind"] == "aoti" else f"{stem}.pt2"
+    suffix = {"aoti": ".aoti.pt2", "onnx": ".onnx", "onnx-int8": ".int8.onnx"}
+    return stem + suffix.get(spec["kind"], ".pt2")
 
 
 @dataclasses.dataclass
@@ -117,6 +128,8 @@ class BenchPlan:
     #: malloc policy of every job's process (:func:`sam3_exportable.allocator.apply_malloc_policy`);
     #: eager at (1,1) also runs once more under ``"default"`` to measure what it changes.
     malloc: str = "retain"
+    #: eager at (1,1) once more under malloc's default settings (see ``malloc``)
+    allocator_baseline: bool = True
     #: (engine, workers, threads per worker) of each :mod:`.throughput` job, all with the
     #: same total threads; the images (count, height x width) and phrases they segment
     throughput: list[tuple[str, int, int]] = dataclasses.field(default_factory=list)
@@ -140,6 +153,10 @@ class BenchPlan:
     def aoti(self) -> bool:
         return "aoti" in self.matrix
 
+    @property
+    def onnx(self) -> bool:
+        return any(v in self.matrix for v in ONNX_VARIANTS)
+
 
 def plan_for(
     size: str,
@@ -155,11 +172,12 @@ def plan_for(
     ``tiny --quick``: no AOTInductor compile (it alone takes minutes), one timed run, a
     shorter scaling series: a couple of minutes, for checking the tool itself.
     ``full``: eager and the exported ``.pt2`` at (1,1), (2,3), (1,8); the exported and the
-    bf16 ``.pt2`` at (1,1), (2,1), (4,1) (the per-image cost in B); AOTInductor at (1,1)
-    (``all_shapes``: every variant at every shape, much longer); one warm-up and three timed
-    runs each. Scaling points beyond those are single cold runs of the exported ``.pt2``,
-    taken in order of importance (P=32 first: it carries the memory target) while their
-    predicted cost fits ``scaling_budget_s`` (default 600 s).
+    bf16 ``.pt2`` at (1,1), (2,1), (4,1) (the per-image cost in B); AOTInductor at (1,1);
+    the ONNX graph and its int8 quantization at (1,1) and (2,3) (``all_shapes``: every
+    variant at every shape, much longer); one warm-up and three timed runs each. Scaling
+    points beyond those are single cold runs of the exported ``.pt2``, taken in order of
+    importance (P=32 first: it carries the memory target) while their predicted cost fits
+    ``scaling_budget_s`` (default 600 s).
 
     Throughput (:mod:`.throughput`): ``segment_images`` over the same images with the local
     engine and with Ray at 1 and 2 workers, at the same total threads: tiny 16 images (4 with
@@ -186,7 +204,14 @@ def plan_for(
     if size == "tiny" or all_shapes:
         matrix = {v: list(everything) for v in VARIANTS}
     else:
-        matrix = {"eager": main, "exported": everything, "aoti": [(1, 1)], "bf16": per_image}
+        matrix = {
+            "eager": main,
+            "exported": everything,
+            "aoti": [(1, 1)],
+            "bf16": per_image,
+            "onnx": [(1, 1), (2, 3)],
+            "onnx-int8": [(1, 1), (2, 3)],
+        }
     if quick:
         del matrix["aoti"]
     threads = torch.get_num_threads()
@@ -233,3 +258,61 @@ def plan_for(
         profiles=[("exported", 1, 1), ("exported", 2, 1), ("bf16", 1, 1), ("bf16", 2, 1)],
         throughput_images=4,
     )
+
+
+#: Sections of a plan that :func:`narrowed` can leave out.
+SECTIONS = ("loads", "allocator", "scaling", "profiles", "throughput")
+
+
+def narrowed(
+    plan: BenchPlan,
+    *,
+    variants: Sequence[str] | None = None,
+    shapes: Sequence[Shape] | None = None,
+    runs: int | None = None,
+    skip: Sequence[str] = (),
+) -> BenchPlan:
+    """``plan`` restricted to ``variants`` and to ``shapes`` (each variant keeps those of its
+    preset shapes), with ``runs`` timed runs per latency job and the ``skip``ped sections of
+    :data:`SECTIONS` left out. The fp32 ``.pt2`` is exported whatever the variants (the
+    other sections run it). Raises ``ValueError`` naming an unknown variant or section, a
+    shape no chosen variant runs at, or an empty result."""
+    unknown = [v for v in variants or () if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"--variants: expected some of {', '.join(VARIANTS)}, got {', '.join(unknown)}")
+    bad = [s for s in skip if s not in SECTIONS]
+    if bad:
+        raise ValueError(f"--skip: expected some of {', '.join(SECTIONS)}, got {', '.join(bad)}")
+    if runs is not None and runs < 1:
+        raise ValueError(f"--runs: expected a count >= 1, got {runs}")
+    keep = set(variants) if variants else set(plan.matrix)
+    wanted = set(shapes) if shapes else None
+    matrix = {
+        v: [s for s in shapes_ if wanted is None or s in wanted]
+        for v, shapes_ in plan.matrix.items()
+        if v in keep
+    }
+    matrix = {v: s for v, s in matrix.items() if s}
+    if wanted:
+        unused = sorted(wanted - {s for s_ in matrix.values() for s in s_})
+        if unused:
+            text = ", ".join(f"{b}x{p}" for b, p in unused)
+            raise ValueError(f"--shapes: no chosen variant of this plan runs at {text}")
+    if not matrix:
+        raise ValueError("--variants/--shapes: expected at least one variant and shape to run, got none")
+    changes: dict[str, Any] = {"matrix": matrix}
+    if runs is not None:
+        changes["runs"] = runs
+    if "loads" in skip:
+        changes["load_runs"] = 0
+    if "allocator" in skip:
+        changes["allocator_baseline"] = False
+    if "scaling" in skip:
+        changes.update(scaling_prompts=[], scaling_batches=[])
+    if "profiles" in skip:
+        changes["profiles"] = []
+    else:
+        changes["profiles"] = [(v, b, p) for v, b, p in plan.profiles if v in matrix]
+    if "throughput" in skip:
+        changes.update(throughput=[], throughput_images=0)
+    return dataclasses.replace(plan, **changes)

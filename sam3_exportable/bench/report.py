@@ -99,6 +99,36 @@ def _allocator_lines(alloc: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _onnx_lines(onnx: dict[str, Any]) -> list[str]:
+    """The ONNX section: export stages and sizes, then latency and peak RSS per shape."""
+    if not onnx:
+        return []
+    if "error" in onnx:
+        return ["", "## ONNX", "", f"ONNX export failed: {onnx['error']}."]
+    stages = ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in onnx["export"].items())
+    sizes = ", ".join(f"{kind} {mib:,.0f} MiB" for kind, mib in onnx["sizes_mib"].items())
+    lines = [
+        "",
+        "## ONNX (onnxruntime, CPU)",
+        "",
+        f"Export: {stages}; peak RSS {onnx['export_peak_rss_gib']:.2f} GiB; "
+        f"sizes (graph + weights): {sizes}.",
+        "",
+        "| B | P | eager s | .pt2 s | ONNX s | int8 ONNX s | int8 speed-up | peak RSS GiB "
+        "(eager / .pt2 / ONNX / int8) | ONNX RSS / .pt2 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    variants = ("eager", "exported", "onnx", "onnx-int8")
+    for row in onnx["rows"]:
+        secs = " | ".join(f"{row[v]['seconds']:.2f}" if v in row else "-" for v in variants)
+        peaks = " / ".join(f"{row[v]['peak_rss_gib']:.2f}" if v in row else "-" for v in variants)
+        lines.append(
+            f"| {row['B']} | {row['P']} | {secs} | {_num(row.get('int8_speedup_vs_onnx'))} | {peaks} | "
+            f"{_num(row.get('onnx_peak_rss_vs_pt2'))} |"
+        )
+    return lines
+
+
 def markdown_summary(doc: dict[str, Any]) -> str:
     """Render ``doc`` (a bench results dict after summarising) as Markdown."""
     m, v = doc.get("machine", {}), doc.get("versions", {})
@@ -243,6 +273,7 @@ def markdown_summary(doc: dict[str, Any]) -> str:
             f"| {key} | {diffs} | {bitwise} | {same05} ({k05['kept']}) | "
             f"{same_top} ({top['kept']} kept, {top['mask_pixels_differing']}) |"
         )
+    lines += _onnx_lines(doc.get("onnx", {}))
     lines += throughput_lines(doc.get("throughput"))
     for name, prof in doc.get("jobs", {}).items():
         if not name.startswith("profile/") or name == PROFILE_LOAD or not prof.get("top_ops_by_self_cpu"):

@@ -35,6 +35,7 @@ from .plan import (
     AOTI_COMPILE,
     IMPORTS,
     MATMUL_PEAK,
+    ONNX_EXPORT,
     PROFILE_LOAD,
     VARIANTS,
     BenchPlan,
@@ -194,6 +195,16 @@ class BenchRun:
                     "inductor_configs": plan.inductor_configs,
                 },
             )
+        if plan.onnx:
+            self.job(
+                ONNX_EXPORT,
+                {
+                    "job": "export",
+                    "formats": ["onnx"],
+                    "quantize": "int8" if "onnx-int8" in plan.matrix else None,
+                    "out": str(self.artifact(artifact_name("onnx"))),
+                },
+            )
         loads = [("read", fp32), ("pt2", fp32), ("pt2-torch", fp32)]
         if plan.aoti:
             loads.append(("aoti", self.artifact(artifact_name("aoti"))))
@@ -243,7 +254,7 @@ class BenchRun:
     def _allocator_baseline(self) -> None:
         """The same eager forward with malloc's settings unchanged: what the policy changes."""
         plan = self.plan
-        if plan.malloc == "default" or "eager" not in plan.matrix:
+        if plan.malloc == "default" or "eager" not in plan.matrix or not plan.allocator_baseline:
             return
         if not self.jobs.get(MATMUL_PEAK, {}).get("malloc", {}).get("applied"):
             self.log(f"[allocator] policy {plan.malloc!r} was not applied in the jobs: no baseline run")

@@ -20,6 +20,8 @@ from .plan import (
     AOTI_COMPILE,
     IMPORTS,
     MATMUL_PEAK,
+    ONNX_EXPORT,
+    ONNX_VARIANTS,
     BenchPlan,
     export_key,
     latency_key,
@@ -185,8 +187,49 @@ def allocator_section(jobs: dict[str, Any], plan: BenchPlan, read_outputs: Outpu
     return out
 
 
+def onnx_section(jobs: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ONNX export (stage times, peak RSS, sizes) and, per shape the ONNX graph ran at,
+    its latency and peak RSS next to the int8 graph, the ``.pt2`` and eager: the int8
+    speed-up over the fp32 graph and the graph's peak RSS against the ``.pt2``'s."""
+    res = jobs.get(ONNX_EXPORT)
+    if not _ok(res):
+        return {} if res is None else {"error": res.get("error")}
+    out: dict[str, Any] = {
+        "export": {
+            stage: res[f"{stage}_s"]
+            for stage in ("build", "export", "audit", "onnx", "quantize")
+            if f"{stage}_s" in res
+        },
+        "export_peak_rss_gib": res["peak_rss"] / GIB,
+        "peak_rss_after_gib": {
+            key[len("peak_rss_after_") :]: value / GIB
+            for key, value in res.items()
+            if key.startswith("peak_rss_after_")
+        },
+        "sizes_mib": {kind: size / 2**20 for kind, size in res.get("sizes_bytes", {}).items()},
+    }
+    by = {(r["variant"], r["B"], r["P"]): r for r in rows if "seconds" in r}
+    shapes = sorted({(b, p) for v, b, p in by if v in ONNX_VARIANTS}, key=lambda s: (s[0] * s[1], s))
+    out["rows"] = []
+    for b, p in shapes:
+        row: dict[str, Any] = {"B": b, "P": p}
+        for variant in ("eager", "exported", *ONNX_VARIANTS):
+            if (variant, b, p) in by:
+                row[variant] = {
+                    "seconds": by[(variant, b, p)]["seconds"]["median"],
+                    "peak_rss_gib": by[(variant, b, p)]["peak_rss_gib"]["max"],
+                }
+        if "onnx" in row and "onnx-int8" in row:
+            row["int8_speedup_vs_onnx"] = row["onnx"]["seconds"] / row["onnx-int8"]["seconds"]
+        if "onnx" in row and "exported" in row:
+            row["onnx_peak_rss_vs_pt2"] = row["onnx"]["peak_rss_gib"] / row["exported"]["peak_rss_gib"]
+        out["rows"].append(row)
+    return out
+
+
 def parity_section(plan: BenchPlan, read_outputs: OutputsReader) -> dict[str, Any]:
-    """Each variant against eager at (1,1) (bf16 against fp32 eager)."""
+    """Each variant against eager at (1,1) (bf16 against fp32 eager), and the int8 ONNX graph
+    against the fp32 one."""
     out: dict[str, Any] = {"shape": [1, 1]}
     reference = read_outputs(outputs_name("eager", 1, 1))
     if reference is None:
@@ -198,6 +241,9 @@ def parity_section(plan: BenchPlan, read_outputs: OutputsReader) -> dict[str, An
         if other is not None:
             key = "bf16_vs_fp32_eager" if variant == "bf16" else f"{variant}_vs_eager"
             out[key] = compare_parity(reference, other)
+    graph, int8 = (read_outputs(outputs_name(v, 1, 1)) for v in ONNX_VARIANTS)
+    if graph is not None and int8 is not None:
+        out["onnx-int8_vs_onnx"] = compare_parity(graph, int8)
     return out
 
 
@@ -328,6 +374,17 @@ def targets(doc: dict[str, Any], plan: BenchPlan) -> list[dict[str, Any]]:
         ),
         ("peak RSS at B=1, P=32", "<=", "16", p32 and p32["peak_rss_gib"]["max"], "GiB", _ALL_HOSTS),
     ]
+    onnx_at_23 = next((r for r in doc.get("onnx", {}).get("rows", []) if (r["B"], r["P"]) == (2, 3)), {})
+    specs.append(
+        (
+            "ONNX peak RSS / .pt2 peak RSS at (2,3)",
+            "<=",
+            "1.3",
+            onnx_at_23.get("onnx_peak_rss_vs_pt2"),
+            "x",
+            _ALL_HOSTS,
+        )
+    )
     native = bool(doc.get("machine", {}).get("bf16_native"))
     out = []
     for name, op, bound, measured, unit, hosts in specs:
@@ -358,6 +415,7 @@ def summarize(doc: dict[str, Any], plan: BenchPlan, read_outputs: OutputsReader)
     doc["latency"] = latency_rows(jobs, plan, doc["matmul_peak_gflops"])
     doc["allocator"] = allocator_section(jobs, plan, read_outputs)
     doc["parity"] = parity_section(plan, read_outputs)
+    doc["onnx"] = onnx_section(jobs, doc["latency"])
     doc["scaling"] = scaling_section(jobs, plan, doc.get("scaling_skipped", []))
     doc["throughput"] = throughput_section(jobs, plan.throughput)
     doc["targets"] = targets(doc, plan)

@@ -90,7 +90,8 @@ def _build(spec: dict[str, Any]) -> torch.nn.Module:
 
 
 def job_export(spec: dict[str, Any]) -> dict[str, Any]:
-    """The export recipe (build, export, audit, save): stage times and peak RSS after each."""
+    """The export recipe (build, export, audit, save each of ``formats``, ``quantize``):
+    stage times, peak RSS after each stage, the size of each kind written."""
     from ..export.recipe import build_artifact
     from ..progress import Stages
 
@@ -105,14 +106,22 @@ def job_export(spec: dict[str, Any]) -> dict[str, Any]:
         size=spec["size"],
         seed=int(spec.get("seed", 0)),
         autocast=spec.get("autocast", "none"),
+        formats=spec.get("formats", ["pt2"]),
+        quantize=spec.get("quantize"),
         force=True,
         stages=Stages(on_done=record),
     )
     out["audit"] = record_.audit.summary()
-    out["size_bytes"] = record_.manifests["pt2"]["size_bytes"]
+    out["sizes_bytes"] = {kind: _artifact_bytes(m) for kind, m in record_.manifests.items()}
+    out["size_bytes"] = next(iter(out["sizes_bytes"].values()))
     out["nodes"] = len(record_.program.graph.nodes)
     out["peak_rss"] = peak_rss_bytes()
     return out
+
+
+def _artifact_bytes(manifest: dict[str, Any]) -> int:
+    """Bytes of an artifact: its file plus any data files beside it (ONNX weights)."""
+    return int(manifest["size_bytes"]) + sum(int(d["size_bytes"]) for d in manifest.get("data_files", []))
 
 
 def job_aoti_compile(spec: dict[str, Any]) -> dict[str, Any]:

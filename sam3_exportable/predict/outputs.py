@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from .images import rgb_array
 from .predictor import KeptPair
 
 __all__ = ["PALETTE", "EncodedImage", "encode_image", "encode_rle", "png_bytes", "slug"]
@@ -119,7 +120,9 @@ def encode_image(
     if len(pairs) != len(phrases):
         raise ValueError(f"pairs: expected one per phrase ({len(phrases)}), got {len(pairs)}")
     width, height = image.size
-    canvas = np.array(image if image.mode == "RGB" else image.convert("RGB")) if overlay else None
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    # the overlay's pixels, copied at the first kept instance: without one it is the image
+    canvas: np.ndarray | None = None
     records: list[dict[str, Any]] = []
     mask_pngs: list[bytes] = []
     boxes: list[tuple[int, tuple[float, ...], float]] = []
@@ -143,7 +146,9 @@ def encode_image(
             )
             if labels is not None:
                 labels[inst.mask] = k + 1
-            if canvas is not None:
+            if overlay:
+                if canvas is None:
+                    canvas = rgb_array(rgb)
                 _blend(canvas, inst.mask, PALETTE[j % len(PALETTE)])
                 boxes.append((j, inst.box, inst.score))
         records.append({"phrase": phrase, "instances": instances})
@@ -156,6 +161,8 @@ def encode_image(
         del canvas
         _draw_boxes(drawn, boxes, phrases)
         overlay_png = png_bytes(drawn)
+    elif overlay:
+        overlay_png = png_bytes(rgb)
     return EncodedImage(
         width=width, height=height, phrases=records, mask_pngs=mask_pngs, overlay_png=overlay_png
     )

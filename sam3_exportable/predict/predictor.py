@@ -25,7 +25,7 @@ from ..artifact.loader import as_artifact
 from ..contract import NORMALIZE_MEAN, NORMALIZE_STD, pair_scores
 from ..errors import ArtifactError, InputSpecError
 from ..tokenizer import BPE_VOCAB_SHA256, Tokenizer, validate_phrases
-from .images import DEFAULT_MAX_PIXELS, ImageInput, to_rgb
+from .images import DEFAULT_MAX_PIXELS, ImageInput, rgb_array, to_rgb
 
 __all__ = [
     "Instance",
@@ -250,9 +250,11 @@ class Predictor:
 
     def preprocess(self, images: Sequence[ImageInput]) -> torch.Tensor:
         """``images`` float32 ``[B, 3, S, S]`` as upstream's processor makes them."""
-        from torchvision.transforms import v2
-
-        return torch.stack([self.transform(v2.functional.to_image(img)) for img in self.load(images)])
+        # the transform sees a channels-last view of one copy of the pixels: the values of
+        # torchvision's to_image, without its two extra copies of a large image
+        return torch.stack(
+            [self.transform(torch.from_numpy(rgb_array(img)).permute(2, 0, 1)) for img in self.load(images)]
+        )
 
     def run(self, images: Sequence[ImageInput], phrases: Sequence[str] | str) -> Outputs:
         """One call of the graph for all images x phrases; raw outputs, image-major pairs."""
