@@ -46,6 +46,16 @@ def tiny_ep(tiny_model: torch.nn.Module) -> torch.export.ExportedProgram:
 
 
 @pytest.fixture(scope="session")
+def tiny_artifact(tiny_ep: torch.export.ExportedProgram, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny program saved as a ``.pt2`` (with its manifest); shared, so never modify it."""
+    from sam3_exportable.artifact import save_pipeline
+
+    path = tmp_path_factory.mktemp("artifact") / "tiny.pt2"
+    save_pipeline(tiny_ep, path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def tiny_bf16_ep(tiny_model: torch.nn.Module) -> torch.export.ExportedProgram:
     """The tiny pipeline exported under bf16 autocast (fp32 in and out)."""
     return export_full_pipeline(tiny_model, autocast_dtype=torch.bfloat16)

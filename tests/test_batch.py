@@ -23,7 +23,6 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from sam3_exportable.artifact import save_pipeline
 from sam3_exportable.artifact.files import current_umask
 from sam3_exportable.batch import SegmentBatch, expand_images, segment_images
 from sam3_exportable.batch.progress import Progress
@@ -46,10 +45,8 @@ def _rgb(seed: int, height: int, width: int) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def artifact(tiny_ep, tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("artifact") / "tiny.pt2"
-    save_pipeline(tiny_ep, path, metadata={"image_size": 224, "context_length": 32})
-    return path
+def artifact(tiny_artifact) -> Path:
+    return tiny_artifact
 
 
 @pytest.fixture(scope="module")

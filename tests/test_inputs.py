@@ -198,15 +198,6 @@ _PEAK_OF_CHILD = (
 )
 
 
-@pytest.fixture(scope="module")
-def tiny_artifact(tiny_ep, tmp_path_factory) -> Path:
-    from sam3_exportable.artifact import save_pipeline
-
-    path = tmp_path_factory.mktemp("artifact") / "tiny.pt2"
-    save_pipeline(tiny_ep, path)
-    return path
-
-
 def _predict_peak(artifact: Path, image: Path, out: Path) -> tuple[int, int]:
     """(exit status, peak RSS in bytes) of `predict` on one image with nothing kept."""
     import subprocess

@@ -13,7 +13,7 @@ from pycocotools import mask as mask_utils
 from sam3.model.sam3_image_processor import Sam3Processor
 
 import sam3_exportable as s3e
-from sam3_exportable.artifact import manifest_path, save_pipeline
+from sam3_exportable.artifact import manifest_path
 from sam3_exportable.cli import main
 from sam3_exportable.predict import Predictor, load_image
 
@@ -112,10 +112,8 @@ def test_long_phrase_warns_about_truncation(predictor) -> None:
 
 
 @pytest.fixture(scope="module")
-def artifact(tiny_ep, tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("artifact") / "tiny.pt2"
-    save_pipeline(tiny_ep, path, metadata={"image_size": 224, "context_length": 32})
-    return path
+def artifact(tiny_artifact) -> Path:
+    return tiny_artifact
 
 
 @pytest.fixture(scope="module")

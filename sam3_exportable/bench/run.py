@@ -234,7 +234,9 @@ class BenchRun:
                     warmup, runs = self._bf16_runs(b, p)
                     if runs == 0:
                         continue
-                count = not flops_counted and warmup > 0
+                # FLOPs are counted on eager's warm-up only: FlopCounterMode's module tracker
+                # cannot hook a loaded program's parameters under inference mode
+                count = variant == "eager" and not flops_counted and warmup > 0
                 flops_counted = flops_counted or count
                 spec = {
                     "job": "latency",
