@@ -29,6 +29,11 @@ def _num(value: Any, fmt: str = ".3g") -> str:
     return "-" if value is None else f"{value:{fmt}}"
 
 
+def _times(value: Any) -> str:
+    """A ratio as ``1.234x``; ``-`` when there is none."""
+    return "-" if value is None else f"{value:.3f}x"
+
+
 def format_measured(target: dict[str, Any]) -> str:
     """A target's measured value (a ``doc["targets"]`` entry: ``"target"`` like ``"<= 1.00"``,
     ``"measured"`` a float or None) in the fewest significant digits, 3 or more, whose printed
@@ -149,8 +154,9 @@ def markdown_summary(doc: dict[str, Any]) -> str:
     ]
     for t in doc.get("targets", []):
         met = {"met": "yes", "NOT met": "**no**"}.get(verdict(t), verdict(t))
+        measured = format_measured(t) + ("" if t["measured"] is None else f" {t['unit']}")
         lines.append(
-            f"| {t['name']} | {t['target']} {t['unit']} | {format_measured(t)} {t['unit']} | "
+            f"| {t['name']} | {t['target']} {t['unit']} | {measured} | "
             f"{t.get('applies_to', 'all hosts')} | {met} |"
         )
     lines += [
@@ -171,7 +177,7 @@ def markdown_summary(doc: dict[str, Any]) -> str:
             of_peak += " (bf16 emulated here: not applicable)"
         lines.append(
             f"| {r['variant']} | {r['B']} | {r['P']} | {_s(r['seconds'], '.2f')} | "
-            f"{_num(r.get('ratio_to_eager'), '.3f')}x | {_num(r.get('ratio_to_B1'), '.3f')}x | "
+            f"{_times(r.get('ratio_to_eager'))} | {_times(r.get('ratio_to_B1'))} | "
             f"{_s(r['peak_rss_gib'], '.2f')} | {_num(r.get('achieved_gflops'), '.0f')} | {of_peak} |"
         )
     for note in doc.get("bf16_reduced", []):
