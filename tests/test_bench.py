@@ -261,6 +261,27 @@ def test_quick_bench_measures_batch_throughput(quick_run: tuple[Path, int]) -> N
     assert "## Throughput (segment_images, one image per batch)" in (out / "summary.md").read_text()
 
 
+def test_bf16_targets_are_not_applicable_where_bf16_is_emulated(quick_run: tuple[Path, int]) -> None:
+    from sam3_exportable.bench.report import markdown_summary, verdict
+    from sam3_exportable.bench.summary import targets
+
+    out, _ = quick_run
+    doc = json.loads((out / "results.json").read_text())
+    for native in (True, False):
+        doc["machine"]["bf16_native"] = native
+        rows = {t["name"]: t for t in targets(doc, plan_for("tiny", quick=True))}
+        bf16 = [t for name, t in rows.items() if name.startswith("bf16")]
+        assert bf16 and all(t["applies_to"].startswith("hosts with native bf16") for t in bf16)
+        for t in bf16:
+            assert t["applicable"] is native
+            assert (verdict(t) == "not applicable here") is (not native)
+            assert (t["met"] is None) if not native else (t["met"] is not None or t["measured"] is None)
+        fp32 = rows["exported time(B=2) / time(B=1), P=1"]
+        assert fp32["applicable"] and fp32["met"] is not None
+    doc["targets"] = list(rows.values())
+    assert "| not applicable here |" in markdown_summary(doc)
+
+
 def test_quick_bench_records_the_malloc_policy(quick_run: tuple[Path, int]) -> None:
     out, _ = quick_run
     doc = json.loads((out / "results.json").read_text())
