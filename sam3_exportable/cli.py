@@ -386,7 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=DEFAULT_MAX_PAIRS,
         help=f"most image-phrase pairs per graph call; more phrases run in chunks (default "
-        f"{DEFAULT_MAX_PAIRS}: the full-size model then stays under 8 GiB however many phrases)",
+        f"{DEFAULT_MAX_PAIRS}: the full-size model then stays under 8 GiB however many phrases; "
+        "raise it to go faster when memory allows)",
     )
     pred.add_argument("--engine", choices=["local", "ray"], default="local", help="where batches run")
     pred.add_argument(

@@ -19,6 +19,7 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from ..errors import OutputExistsError, OutputPathError
 
@@ -147,17 +148,30 @@ def _give_umask_permissions(path: Path, directory: bool = False) -> None:
 def signals_deferred() -> Iterator[None]:
     """Hold SIGINT and SIGTERM while the body runs (a handful of renames), then deliver them:
     an interrupt lands before or after the body, never inside it. No effect off the main
-    thread or where signal masks are unavailable."""
-    mask = getattr(signal, "pthread_sigmask", None)
-    if mask is None or threading.current_thread() is not threading.main_thread():
+    thread.
+
+    The Python-level handlers are swapped for ones that only record the signal, and the
+    recorded signals are raised again once the previous handlers are back. (A thread signal
+    mask would not do: the kernel hands a process-directed signal to any thread that does not
+    block it, torch's worker threads included, and Python then runs the handler in the main
+    thread inside the body.)
+    """
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    held = {signal.SIGINT, signal.SIGTERM}
-    previous = mask(signal.SIG_BLOCK, held)
+    pending: list[int] = []
+
+    def record(signum: int, frame: Any) -> None:
+        pending.append(signum)
+
+    previous = {signum: signal.signal(signum, record) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        mask(signal.SIG_SETMASK, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        for signum in dict.fromkeys(pending):
+            signal.raise_signal(signum)
 
 
 class Staging:

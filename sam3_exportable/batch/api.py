@@ -35,9 +35,10 @@ __all__ = ["DEFAULT_BATCH_SIZE", "DEFAULT_MAX_PAIRS", "BatchSummary", "Failure",
 DEFAULT_BATCH_SIZE = 1
 
 #: Most image-phrase pairs per graph call. The full-size model peaks at about 4.6 GiB for one
-#: pair and 0.33 GiB more per extra pair: 3 images x 32 phrases in calls of 8 pairs peaked at
-#: 7.85 GiB under the ``retain`` malloc policy (the full tier bounds it at 8 GiB).
-DEFAULT_MAX_PAIRS = 8
+#: pair and 0.33 GiB more per extra pair, and the ``retain`` malloc policy adds what its
+#: fragmented heap keeps: one 1008x1008 image x 32 phrases in calls of 4 pairs peaked at
+#: 5.7 GiB; calls of 8 pairs reached 9.2 GiB over 3 images (the full tier bounds it at 8 GiB).
+DEFAULT_MAX_PAIRS = 4
 
 ENGINES = ("local", "ray")
 
