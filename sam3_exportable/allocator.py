@@ -3,14 +3,14 @@
 A full-size forward allocates and frees tens of GiB of activations, most of them in blocks
 far larger than glibc's mmap threshold (at most 32 MiB). glibc serves each such block with
 a fresh ``mmap`` and returns it with ``munmap`` on free, so every forward touches every
-page of them for the first time again: on this project's 2-core reference machine, about
-3.5 million minor page faults and 9 s of kernel time per (1, 2) forward, one tenth of the
-CPU time, for eager and ``.pt2`` alike. The ``retain`` policy tells glibc to serve all
+page of them for the first time again: millions of minor page faults per full-size forward,
+a tenth of its CPU time in the kernel (``docs/performance.md`` has the figures). The
+``retain`` policy tells glibc to serve all
 blocks from its heap (``M_MMAP_MAX = 0``) and never to give the heap's free top back to
 the kernel (``M_TRIM_THRESHOLD = -1``, which mallopt(3) documents as disabling trimming;
 its largest positive value, 2**31 - 1, still trims whenever more than 2 GiB at the top is
 free, as after every forward that peaks above that): later forwards reuse the same pages
-(tens of thousands of faults, a fraction of a second of kernel time). The price is that
+(a few faults). The price is that
 memory freed after a peak stays with the process until it exits, which is what a model
 server or a batch job wants anyway.
 

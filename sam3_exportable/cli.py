@@ -1,17 +1,24 @@
 """The ``sam3-exportable`` command line: parses arguments, calls the library, prints.
 
-Every failure a user can cause (an argument value, a file, a full disk, an interrupt) ends
-with one line on stderr naming the input, what was expected and what came, and exit status
-2 (130 after Ctrl-C, 143 after SIGTERM); nothing is left half-written.
+Every failure a user can cause (an argument value, a file, a full disk, an interrupt, an
+optional part not installed) ends with one line on stderr naming the input, what was
+expected and what came, and exit status 2 (130 after Ctrl-C, 143 after SIGTERM); nothing is
+left half-written. Only this package's exceptions and named OS errors are such failures:
+any other exception is a bug and prints its traceback (exit status 1) so it can be reported.
+The module imports no torch: ``predict``, ``verify`` and ``tokenize`` run in the runtime
+install; ``export``, ``bench`` and ``doctor`` need the ``[export]`` extra.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
+import io
+import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -20,6 +27,7 @@ from .errors import (
     CheckpointError,
     DynamicShapeAuditError,
     InputSpecError,
+    MissingExtraError,
     OutputPathError,
     UpstreamMismatchError,
     WorkerError,
@@ -73,6 +81,37 @@ def _positive_int(text: str) -> int:
     return value
 
 
+#: The most intra-op threads a command accepts (the OpenMP runtime crashed far above it).
+MAX_THREADS = 1024
+
+
+def _threads(text: str) -> int:
+    value = _positive_int(text)
+    if value > MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_THREADS} threads, got {value}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**63), got {text!r}") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**63), got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
 def _threshold(text: str) -> float:
     try:
         value = float(text)
@@ -83,7 +122,28 @@ def _threshold(text: str) -> float:
     return value
 
 
-def _set_threads(threads: int | None) -> None:
+def _export_side(command: str) -> Any:
+    """The export side (torch, sam3), or :class:`MissingExtraError` naming the extra."""
+    import importlib
+
+    try:
+        importlib.import_module("torch")
+        importlib.import_module("sam3")
+        return importlib.import_module("sam3_exportable.export.recipe")
+    except ImportError as exc:
+        if (
+            not isinstance(exc, ModuleNotFoundError)
+            or exc.name is None
+            or exc.name.startswith("sam3_exportable")
+        ):
+            raise
+        raise MissingExtraError(
+            f"{command}: expected {exc.name} to be installed, it is not; "
+            "pip install 'sam3-exportable[export]'"
+        ) from exc
+
+
+def _set_torch_threads(threads: int | None) -> None:
     if threads:
         import torch
 
@@ -91,18 +151,18 @@ def _set_threads(threads: int | None) -> None:
 
 
 def export_command(args: argparse.Namespace) -> int:
-    from .export.recipe import build_artifact
+    recipe = _export_side("export")
     from .progress import Stages
-    from .verify import format_parity, same_instances
+    from .verify import format_parity
 
-    _set_threads(args.threads)
+    _set_torch_threads(args.threads)
     formats = [args.format] + (["aoti"] if args.aoti else [])
     if args.aoti and args.format != "pt2":
         raise InputSpecError("--aoti: compiles the .pt2 program; use it with --format pt2")
     if args.quantize and args.format != "onnx":
         raise InputSpecError("--quantize: quantizes the ONNX graph; use it with --format onnx")
     stages = Stages.printing()
-    record = build_artifact(
+    record = recipe.build_artifact(
         args.out,
         size=args.size,
         checkpoint=args.checkpoint,
@@ -115,22 +175,21 @@ def export_command(args: argparse.Namespace) -> int:
         quantize=args.quantize,
         stages=stages,
     )
-    status = 0
     for kind, parity in record.parity.items():
         for line in format_parity(parity, "" if kind == "pt2" else kind):
             print(f"  {line}")
+        verdict = record.verdict(kind)
         if kind == "pt2":
-            same = all(parity["bitwise"].values())
-            print(f"  verify: exported {'==' if same else 'differs from'} eager{', bitwise' if same else ''}")
-        elif kind == "onnx-int8":
-            same = True  # approximate by design: reported, never a failure
-            print(f"  verify: int8 keeps the same instances as eager: {same_instances(parity)}")
+            print(
+                f"  verify: exported {'==' if verdict else 'differs from'} eager"
+                f"{', bitwise' if verdict else ''}"
+            )
+        elif verdict is None:
+            print(f"  verify: {kind} is approximate by design: reported above, not checked")
         else:
-            same = same_instances(parity)
-            print(f"  verify: {kind} keeps the same instances as eager: {same}")
-        status = status if same else 1
+            print(f"  verify: {kind} keeps the same instances as eager: {verdict}")
     print(stages.summary())
-    return status
+    return 0 if record.verified else 1
 
 
 def predict_command(args: argparse.Namespace) -> int:
@@ -138,12 +197,12 @@ def predict_command(args: argparse.Namespace) -> int:
     from .batch.api import segment_images
     from .batch.store import OVERLAYS_DIR
 
-    model_info = read_manifest(args.model).get("model", {})
-    if model_info.get("random_weights"):
+    manifest = read_manifest(args.model)  # the one read of the run: passed down
+    if manifest.model.random_weights:
         print("  NOTE: this artifact has random weights: its masks are meaningless", flush=True)
-    elif model_info.get("missing_keys"):
+    elif manifest.model.missing_keys:
         print(
-            f"  NOTE: {model_info['missing_keys']} tensors of this artifact kept their random "
+            f"  NOTE: {manifest.model.missing_keys} tensors of this artifact kept their random "
             "initialisation (exported with --allow-missing-keys): its masks may be meaningless",
             flush=True,
         )
@@ -151,6 +210,7 @@ def predict_command(args: argparse.Namespace) -> int:
         args.image or [],
         args.prompt or [],
         artifact=args.model,
+        manifest=manifest,
         out=args.out,
         image_lists=args.image_list or [],
         engine=args.engine,
@@ -191,9 +251,8 @@ def predict_command(args: argparse.Namespace) -> int:
 def verify_command(args: argparse.Namespace) -> int:
     from .predict.compare import compare_artifacts
     from .tokenizer import validate_phrases
-    from .verify import format_parity, same_instances
+    from .verify import format_parity, kept_label
 
-    _set_threads(args.threads)
     phrases = validate_phrases(args.prompt or [])
     report = compare_artifacts(
         args.reference,
@@ -202,6 +261,7 @@ def verify_command(args: argparse.Namespace) -> int:
         phrases,
         threshold=args.threshold,
         max_pixels=args.max_pixels,
+        threads=args.threads,
     )
     kinds = f"{report['reference_kind']} vs {report['candidate_kind']}"
     shape = f"{report['images']} image(s) x {len(phrases)} phrase(s)"
@@ -209,13 +269,17 @@ def verify_command(args: argparse.Namespace) -> int:
     for line in format_parity(report["parity"]):
         print(f"  {line}")
     kept = report["kept"]
-    print(
-        f"  kept at {args.threshold}: {kept['reference']} by the reference, {kept['candidate']} by the "
-        f"candidate, {kept['both']} by both (their mask IoU: mean {kept['mean_iou']:.4f}, "
-        f"min {kept['min_iou']:.4f})"
+    iou = (
+        f"their mask IoU: mean {kept['mean_iou']:.4f}, min {kept['min_iou']:.4f}"
+        if kept["both"]
+        else "no mask IoU: no instance kept by both"
     )
-    same = same_instances(report["parity"])
-    print(f"verify: the candidate keeps the same instances as the reference: {same}")
+    print(
+        f"  kept at {args.threshold:g}: {kept['reference']} by the reference, {kept['candidate']} by the "
+        f"candidate, {kept['both']} by both ({iou})"
+    )
+    same = report["parity"][kept_label(args.threshold)]["identical"]  # decided at the threshold asked
+    print(f"verify: the candidate keeps the same instances as the reference at {args.threshold:g}: {same}")
     return 0 if same else 1
 
 
@@ -224,6 +288,10 @@ def tokenize_command(args: argparse.Namespace) -> int:
 
     from .tokenizer import Tokenizer
 
+    if args.context_length < 3:
+        raise InputSpecError(
+            f"--context-length: expected at least 3 (start, a token, end), got {args.context_length}"
+        )
     ids = Tokenizer(args.context_length)(args.prompt or [])
     print(json.dumps({"context_length": args.context_length, "token_ids": ids.tolist()}))
     return 0
@@ -232,6 +300,7 @@ def tokenize_command(args: argparse.Namespace) -> int:
 def bench_command(args: argparse.Namespace) -> int:
     import time
 
+    _export_side("bench")
     from .bench.plan import narrowed, plan_for
     from .bench.report import format_measured, verdict
     from .bench.run import run_bench
@@ -268,6 +337,7 @@ def bench_command(args: argparse.Namespace) -> int:
 
 
 def doctor_command(args: argparse.Namespace) -> int:
+    _export_side("doctor")
     from .patching.doctor import doctor_rows, format_table
 
     rows = doctor_rows()
@@ -317,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="export a checkpoint that lacks some tensors (they stay random; the manifest says how many)",
     )
     exp.add_argument("--size", choices=["full", "tiny"], default="full")
-    exp.add_argument("--seed", type=int, default=0, help="seed for --random-weights")
+    exp.add_argument("--seed", type=_seed, default=0, help="seed for --random-weights")
     exp.add_argument("--out", required=True, help="path of the artifact to write (e.g. build/sam3.pt2)")
     exp.add_argument("--format", choices=["pt2", "onnx"], default="pt2", help="artifact kind (default pt2)")
     exp.add_argument("--autocast", choices=["none", "bf16", "fp16"], default="none")
@@ -334,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
         "quantization of the MatMul/Gemm weights (validate it on your images: see 'verify')",
     )
     exp.add_argument("--force", action="store_true", help="overwrite an existing --out")
-    exp.add_argument("--threads", type=_positive_int, help="torch threads (default: torch's)")
+    exp.add_argument("--threads", type=_threads, help="torch threads (default: torch's)")
     _add_malloc_argument(exp)
     exp.set_defaults(func=export_command)
 
@@ -397,9 +467,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pred.add_argument(
         "--threads",
-        type=_positive_int,
-        help="torch threads per worker (default: torch's for local, 1 for ray); results are "
-        "bitwise the same across engines and workers at the same --threads",
+        type=_threads,
+        help=f"threads per worker, at most {MAX_THREADS} (default: the usable CPUs for local, 1 for "
+        "ray); results are bitwise the same across engines and workers at the same --threads",
     )
     pred.add_argument(
         "--ray-address",
@@ -422,7 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default="bench", help="directory for results.json and plots")
     bench.add_argument("--work-dir", help="where the bench's artifacts go (default OUT/work)")
     bench.add_argument(
-        "--scaling-budget", type=float, help="seconds for full-size scaling points (default 600)"
+        "--scaling-budget", type=_positive_float, help="seconds for full-size scaling points (default 600)"
     )
     bench.add_argument(
         "--all-shapes", action="store_true", help="full size: every variant at every shape (much longer)"
@@ -442,8 +512,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=_name_list,
         help="comma-separated sections to leave out: loads, allocator, scaling, profiles, throughput",
     )
-    bench.add_argument("--resume", action="store_true", help="continue OUT/results.json")
-    bench.add_argument("--force", action="store_true", help="start over, replacing OUT/results.json")
+    again_bench = bench.add_mutually_exclusive_group()
+    again_bench.add_argument("--resume", action="store_true", help="continue OUT/results.json")
+    again_bench.add_argument("--force", action="store_true", help="start over, replacing OUT/results.json")
     _add_malloc_argument(bench, "of every job's process; eager at (1,1) also runs under 'default'")
     bench.set_defaults(func=bench_command)
 
@@ -456,7 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("--prompt", action="append", help="a phrase, e.g. 'a dog'; repeatable")
     ver.add_argument("--threshold", type=_threshold, default=0.5)
     ver.add_argument("--max-pixels", type=_positive_int, default=DEFAULT_MAX_PIXELS)
-    ver.add_argument("--threads", type=_positive_int, help="threads of both runtimes (default: torch's)")
+    ver.add_argument("--threads", type=_threads, help="threads of both runtimes (default: the usable CPUs)")
     ver.set_defaults(func=verify_command)
 
     tok = sub.add_parser(
@@ -471,18 +542,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: This package's exceptions (each message names the input, what was expected and what came)
+#: and the OS errors of a named path; everything else is a bug and shows its traceback.
 _EXPECTED_ERRORS = (
-    NotImplementedError,
     ArtifactError,
     CheckpointError,
     DynamicShapeAuditError,
     FileExistsError,
     FileNotFoundError,
-    ImportError,  # an optional extra that is not installed; the message names it
+    MissingExtraError,
     InputSpecError,
     OutputPathError,
     UpstreamMismatchError,
-    ValueError,
     WorkerError,
 )
 
@@ -497,6 +568,56 @@ _USER_ERRNOS = {
     errno.ENOTDIR,
     errno.EISDIR,
 }
+
+
+class _ClosedPipeSafe:
+    """A text stream that stops writing, silently, once its reader has gone (``| head``):
+    the command finishes its work (every output file, ``coco.json``) instead of dying with
+    ``BrokenPipeError``, and exits with its own status."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self.gone = False
+
+    def _closed(self) -> None:
+        self.gone = True
+        try:  # the interpreter's final flush must not raise either
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())
+            os.close(devnull)
+        except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+            pass
+
+    def write(self, text: str) -> int:
+        if not self.gone:
+            try:
+                self._stream.write(text)
+            except BrokenPipeError:
+                self._closed()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.gone:
+            try:
+                self._stream.flush()
+            except BrokenPipeError:
+                self._closed()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def _closed_pipes_tolerated() -> Iterator[None]:
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _ClosedPipeSafe(sys.stdout), _ClosedPipeSafe(sys.stderr)  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        for wrapper in (sys.stdout, sys.stderr):
+            if isinstance(wrapper, _ClosedPipeSafe):
+                wrapper.flush()
+        sys.stdout, sys.stderr = saved
 
 
 class _Terminated(BaseException):
@@ -532,6 +653,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if _in_main_thread() else None
     try:
+        with _closed_pipes_tolerated():
+            return _run(func, args)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """``func(args)``, with the failures a user can cause turned into one line and status 2."""
+    try:
         return func(args)
     except _EXPECTED_ERRORS as exc:
         print(f"error: {_one_line(exc)}", file=sys.stderr)
@@ -555,9 +686,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _Terminated:
         print("terminated (SIGTERM): nothing half-written was left behind", file=sys.stderr)
         return 143
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
 
 
 def _in_main_thread() -> bool:

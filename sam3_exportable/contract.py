@@ -3,6 +3,7 @@
 Inputs: ``images`` float32 ``[B, 3, S, S]`` (resized to ``S`` and normalised with mean and
 std :data:`NORMALIZE_MEAN` / :data:`NORMALIZE_STD`, as upstream's ``Sam3Processor`` does),
 ``token_ids`` int64 ``[P, L]`` (upstream tokenizer, 0 is padding); ``B >= 1``, ``P >= 1``.
+Nothing here imports torch: the runtime install checks inputs and scores with numpy.
 
 Outputs, for the ``B * P`` image-prompt pairs in image-major order (pair ``b * P + p``),
 all float32: ``pred_logits [B*P, Q, 1]``, ``pred_boxes [B*P, Q, 4]`` (cxcywh, normalised),
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
+import numpy as np
 
 from .errors import InputSpecError
 
@@ -27,8 +28,9 @@ __all__ = [
     "NORMALIZE_STD",
     "OUTPUT_NAMES",
     "check_inputs",
+    "is_torch_tensor",
     "pair_scores",
-    "synthetic_inputs",
+    "sigmoid",
 ]
 
 #: Names of the two inputs, in order.
@@ -45,14 +47,33 @@ NORMALIZE_MEAN = (0.5, 0.5, 0.5)
 NORMALIZE_STD = (0.5, 0.5, 0.5)
 
 
-def pair_scores(logits: torch.Tensor, presence: torch.Tensor) -> torch.Tensor:
-    """Upstream's instance scores ``sigmoid(logits) * sigmoid(presence)``.
+def is_torch_tensor(value: Any) -> bool:
+    """Whether ``value`` is a torch tensor (told without importing torch)."""
+    return type(value).__module__.split(".", 1)[0] == "torch" and hasattr(value, "dim")
 
-    ``logits`` ``[N, Q, 1]`` and ``presence`` ``[N, 1]`` (any float dtype) give ``[N, Q]``
-    in the dtype of ``logits``, computed exactly as upstream's ``Sam3Processor`` does.
+
+def sigmoid(x: Any) -> Any:
+    """``1 / (1 + exp(-x))``: torch's kernel for a torch tensor (upstream's numbers), numpy's
+    in the array's dtype for a numpy array (within 2 ulp of torch's)."""
+    if is_torch_tensor(x):
+        return x.sigmoid()
+    x = np.asarray(x)
+    with np.errstate(over="ignore"):
+        return (x.dtype.type(1) / (x.dtype.type(1) + np.exp(-x))).astype(x.dtype, copy=False)
+
+
+def pair_scores(logits: Any, presence: Any) -> Any:
+    """Upstream's instance scores ``sigmoid(logits) * sigmoid(presence)``: the one score rule.
+
+    ``logits`` ``[N, Q, 1]`` and ``presence`` ``[N, 1]`` (torch tensors or numpy arrays of
+    any float dtype) give ``[N, Q]`` of the same kind and dtype as ``logits``; torch tensors
+    are computed exactly as upstream's ``Sam3Processor`` does.
     """
-    probs = logits.sigmoid()
-    presence_score = presence.sigmoid().unsqueeze(1)
+    probs = sigmoid(logits)
+    if is_torch_tensor(presence):
+        presence_score = sigmoid(presence).unsqueeze(1)
+    else:
+        presence_score = sigmoid(presence)[:, None]
     return (probs * presence_score).squeeze(-1)
 
 
@@ -60,52 +81,44 @@ def _describe(value: Any) -> str:
     return type(value).__name__
 
 
+def _dtype(value: Any) -> str:
+    return str(value.dtype).replace("torch.", "")
+
+
+def _is_array(value: Any) -> bool:
+    return isinstance(value, np.ndarray) or is_torch_tensor(value)
+
+
 def check_inputs(
     images: Any, token_ids: Any, *, image_size: int, context_length: int, vocab_size: int | None
 ) -> None:
     """Raise :class:`InputSpecError` naming the input, what was expected and what came.
 
-    Checks type (torch.Tensor), rank, sizes, dtype, a non-empty batch and prompt list,
-    finite pixels, and token ids in ``[0, vocab_size)`` (skipped when ``vocab_size`` is
-    None, e.g. for artifacts whose manifest does not record it).
+    Accepts numpy arrays or torch tensors. Checks type, rank, sizes, dtype, a non-empty
+    batch and prompt list, finite pixels, and token ids in ``[0, vocab_size)`` (skipped when
+    ``vocab_size`` is None, e.g. for artifacts whose manifest does not record it).
     """
     s, length = image_size, context_length
-    if not isinstance(images, torch.Tensor):
-        raise InputSpecError(f"images: expected a torch.Tensor, got {_describe(images)}")
-    if not isinstance(token_ids, torch.Tensor):
-        raise InputSpecError(f"token_ids: expected a torch.Tensor, got {_describe(token_ids)}")
-    if images.dim() != 4 or tuple(images.shape[1:]) != (3, s, s):
+    for name, value in (("images", images), ("token_ids", token_ids)):
+        if not _is_array(value):
+            raise InputSpecError(f"{name}: expected a numpy array or torch.Tensor, got {_describe(value)}")
+    if len(images.shape) != 4 or tuple(images.shape[1:]) != (3, s, s):
         raise InputSpecError(f"images: expected shape [B, 3, {s}, {s}], got {list(images.shape)}")
     if images.shape[0] < 1:
         raise InputSpecError("images: expected a batch of at least one image, got B=0")
-    if images.dtype != torch.float32:
-        raise InputSpecError(f"images: expected dtype torch.float32, got {images.dtype}")
-    if token_ids.dim() != 2 or token_ids.shape[1] != length:
+    if _dtype(images) != "float32":
+        raise InputSpecError(f"images: expected dtype float32, got {_dtype(images)}")
+    if len(token_ids.shape) != 2 or token_ids.shape[1] != length:
         raise InputSpecError(f"token_ids: expected shape [P, {length}], got {list(token_ids.shape)}")
     if token_ids.shape[0] < 1:
         raise InputSpecError("token_ids: expected at least one prompt, got P=0")
-    if token_ids.dtype != torch.int64:
-        raise InputSpecError(f"token_ids: expected dtype torch.int64, got {token_ids.dtype}")
-    if not bool(torch.isfinite(images).all()):
-        bad = int((~torch.isfinite(images)).sum())
+    if _dtype(token_ids) != "int64":
+        raise InputSpecError(f"token_ids: expected dtype int64, got {_dtype(token_ids)}")
+    finite = images.isfinite() if is_torch_tensor(images) else np.isfinite(images)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
         raise InputSpecError(f"images: expected finite values, got {bad} NaN or infinite values")
     if vocab_size is not None:
         low, high = int(token_ids.min()), int(token_ids.max())
         if low < 0 or high >= vocab_size:
             raise InputSpecError(f"token_ids: expected values in [0, {vocab_size}), got [{low}, {high}]")
-
-
-def synthetic_inputs(
-    image_size: int, context_length: int, batch: int = 2, prompts: int = 2, seed: int = 0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Deterministic inputs for tests and benchmarks: images ``[batch, 3, S, S]`` float32 in
-    [-1, 1] and token ids ``[prompts, L]`` int64 (start token, a few word ids, end token, zero
-    padding). The same arguments give the same tensors in any process."""
-    generator = torch.Generator().manual_seed(seed)
-    images = torch.rand(batch, 3, image_size, image_size, generator=generator) * 2 - 1
-    tokens = torch.zeros(prompts, context_length, dtype=torch.int64)
-    for p in range(prompts):
-        words = torch.randint(256, 49406, (2 + p % 3,), generator=generator)
-        row = [49406, *words.tolist(), 49407]
-        tokens[p, : len(row)] = torch.tensor(row)
-    return images, tokens

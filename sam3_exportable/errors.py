@@ -11,6 +11,7 @@ __all__ = [
     "CheckpointError",
     "DynamicShapeAuditError",
     "InputSpecError",
+    "MissingExtraError",
     "OutputExistsError",
     "OutputPathError",
     "UpstreamMismatchError",
@@ -55,3 +56,8 @@ class WorkerError(RuntimeError):
     """The workers of a batch job could not start (Ray did not start, its cluster cannot be
     reached) or one died (killed for memory, say); the images not returned are not written,
     and a resumed run does them."""
+
+
+class MissingExtraError(ImportError):
+    """What was asked needs an optional part of sam3-exportable that is not installed; the
+    message names the extra (``pip install 'sam3-exportable[export]'``)."""

@@ -15,9 +15,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import torch
+import numpy as np
 
-from .contract import OUTPUT_NAMES, pair_scores
+from .contract import OUTPUT_NAMES, is_torch_tensor, pair_scores
 
 __all__ = [
     "combine_parity",
@@ -25,38 +25,68 @@ __all__ = [
     "exceeded_bounds",
     "format_parity",
     "kept_instances",
+    "kept_label",
     "same_instances",
+    "to_numpy",
 ]
 
 
-def kept_instances(outputs: Sequence[torch.Tensor], threshold: float | Sequence[float]) -> list[list[int]]:
+def to_numpy(array: Any) -> np.ndarray:
+    """A torch tensor (any dtype, as float32 when it is a floating bf16/fp16 one) or an
+    array as a numpy array, sharing memory where it can."""
+    if is_torch_tensor(array):
+        array = array.detach().cpu()
+        if array.is_floating_point() and array.dtype.itemsize < 4:
+            array = array.float()
+        return array.numpy()
+    return np.asarray(array)
+
+
+def _scores(outputs: Sequence[Any]) -> np.ndarray:
+    logits, presence = outputs[0], outputs[3]
+    if is_torch_tensor(logits):
+        logits, presence = logits.float(), presence.float()
+    else:
+        logits, presence = to_numpy(logits).astype(np.float32), to_numpy(presence).astype(np.float32)
+    return to_numpy(pair_scores(logits, presence))
+
+
+def kept_instances(outputs: Sequence[Any], threshold: float | Sequence[float]) -> list[list[int]]:
     """Per pair, the query indices whose score exceeds the threshold (upstream's keep rule);
-    ``threshold`` is one value for all pairs or one per pair."""
-    scores = pair_scores(outputs[0].float(), outputs[3].float())
+    ``threshold`` is one value for all pairs or one per pair. Outputs are torch tensors or
+    numpy arrays."""
+    scores = _scores(outputs)
     per_pair = [float(threshold)] * len(scores) if isinstance(threshold, (int, float)) else list(threshold)
-    return [torch.nonzero(row > t).flatten().tolist() for row, t in zip(scores, per_pair, strict=True)]
+    return [np.flatnonzero(row > t).tolist() for row, t in zip(scores, per_pair, strict=True)]
+
+
+def kept_label(threshold: float) -> str:
+    """The key of the kept-instance check at ``threshold`` in a :func:`compare_parity` result."""
+    return f"kept_at_{threshold:g}"
 
 
 def compare_parity(
-    reference: Sequence[torch.Tensor], other: Sequence[torch.Tensor], top_k: int = 10
+    reference: Sequence[Any], other: Sequence[Any], top_k: int = 10, threshold: float = 0.5
 ) -> dict[str, Any]:
     """``{"max_abs_diff": {output: float}, "bitwise": {output: bool}, "kept_at_0.5": {...},
     "kept_at_top<k>": {...}}``; each ``kept_at_*`` holds ``identical`` (the same query
     indices in every pair), ``kept`` (how many the reference keeps) and
     ``mask_pixels_differing`` (over the instances both keep). Outputs of different shapes
-    compare as ``inf`` and not bitwise."""
+    compare as ``inf`` and not bitwise. Outputs are torch tensors or numpy arrays."""
     out: dict[str, Any] = {"max_abs_diff": {}, "bitwise": {}}
     for name, a, b in zip(OUTPUT_NAMES, reference, other, strict=True):
-        a, b = a.detach().float(), b.detach().float()
+        a, b = to_numpy(a).astype(np.float32, copy=False), to_numpy(b).astype(np.float32, copy=False)
         if a.shape != b.shape:
             out["max_abs_diff"][name], out["bitwise"][name] = float("inf"), False
             continue
-        out["max_abs_diff"][name] = float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
-        out["bitwise"][name] = bool(torch.equal(a, b))
-    top = pair_scores(reference[0].float(), reference[3].float()).sort(dim=1, descending=True).values
+        diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
+        out["max_abs_diff"][name] = float(diff.max()) if a.size else 0.0
+        out["bitwise"][name] = bool(np.array_equal(a, b))
+    top = -np.sort(-_scores(reference), axis=1)
+    ref_masks, other_masks = to_numpy(reference[2]), to_numpy(other[2])
     k = min(top_k, top.shape[1] - 1)
     checks: dict[str, float | list[float]] = {
-        "0.5": 0.5,
+        f"{threshold:g}": threshold,
         f"top{k}": ((top[:, k - 1] + top[:, k]) / 2).tolist(),
     }
     for label, thresholds in checks.items():
@@ -67,7 +97,7 @@ def compare_parity(
                 same = False
                 continue
             kept += len(ref_keep)
-            pixels += int(((reference[2][i, ref_keep] > 0) != (other[2][i, ref_keep] > 0)).sum())
+            pixels += int(((ref_masks[i, ref_keep] > 0) != (other_masks[i, ref_keep] > 0)).sum())
         out[f"kept_at_{label}"] = {"identical": same, "kept": kept, "mask_pixels_differing": pixels}
     return out
 

@@ -56,6 +56,22 @@ def tiny_artifact(tiny_ep: torch.export.ExportedProgram, tmp_path_factory: pytes
 
 
 @pytest.fixture(scope="session")
+def onnx_record(tiny_model: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory):
+    """The tiny graph and its int8 quantization, written by the export recipe (one trace);
+    shared, so never modify them."""
+    from sam3_exportable.export import build_artifact
+
+    out = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
+    return build_artifact(out, model=tiny_model, formats=["onnx"], quantize="int8")
+
+
+@pytest.fixture(scope="session")
+def onnx_pair(onnx_record) -> tuple[Path, Path]:
+    """(the tiny ONNX graph, its int8 quantization)."""
+    return onnx_record.paths["onnx"], onnx_record.paths["onnx-int8"]
+
+
+@pytest.fixture(scope="session")
 def tiny_bf16_ep(tiny_model: torch.nn.Module) -> torch.export.ExportedProgram:
     """The tiny pipeline exported under bf16 autocast (fp32 in and out)."""
     return export_full_pipeline(tiny_model, autocast_dtype=torch.bfloat16)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import zipfile
 from pathlib import Path
@@ -21,6 +22,7 @@ from sam3_exportable.artifact.aoti import (
     narrowed_parallelism,
     size_hints,
 )
+from sam3_exportable.artifact.manifest import SourceRef, read_manifest
 from sam3_exportable.export import EXAMPLE_BATCH, EXAMPLE_PROMPTS, example_inputs
 from sam3_exportable.predict import Predictor, load_artifact
 from sam3_exportable.verify import compare_parity
@@ -60,20 +62,23 @@ def test_aoti_path_naming() -> None:
 def test_export_aoti_writes_package_and_manifest(exported_pair: tuple[Path, Path, int]) -> None:
     pt2, package, status = exported_pair
     assert status == 0, "export --aoti --verify reported a mismatch"
-    manifest = json.loads(Path(f"{package}.json").read_text())
-    source = json.loads(Path(f"{pt2}.json").read_text())
-    assert manifest["format"] == "sam3-exportable" and manifest["kind"] == "aoti"
-    assert manifest["source"] == {"artifact": pt2.name, "sha256": source["sha256"]}
-    for key in ("image_size", "context_length", "tokenizer", "patches", "audit", "model"):
-        assert manifest[key] == source[key], key
-    assert manifest["compile_seconds"] > 0 and manifest["inductor_configs"] == {
+    manifest = read_manifest(package)
+    source = read_manifest(pt2)
+    assert json.loads(Path(f"{package}.json").read_text())["format"] == "sam3-exportable"
+    assert manifest.kind == "aoti" and source.file is not None
+    assert manifest.source == SourceRef("pt2", source.artifact_id, pt2.name, source.file.sha256)
+    for key in ("image_size", "context_length", "bpe_vocab_sha256", "patches", "audit", "model"):
+        assert getattr(manifest, key) == getattr(source, key), key
+    assert manifest.aoti is not None and manifest.aoti.compile_seconds > 0
+    assert manifest.aoti.inductor_configs == {
         "freezing": True,
         "cpp.weight_prepack": False,
         "layout_optimization": False,
     }
-    assert manifest["inputs"][0]["shape"][0] == manifest["audit"]["symbols"]["batch"]
-    assert manifest["size_hints"] == {"batch": EXAMPLE_BATCH, "num_prompts": EXAMPLE_PROMPTS}
-    assert manifest["compile_threads"] == torch.get_num_threads()
+    assert manifest.audit is not None
+    assert manifest.inputs[0].shape[0] == manifest.audit["symbols"]["batch"]
+    assert manifest.size_hints == {"batch": EXAMPLE_BATCH, "num_prompts": EXAMPLE_PROMPTS}
+    assert manifest.aoti.compile_threads == torch.get_num_threads()
 
 
 @pytest.mark.parametrize(
@@ -143,7 +148,7 @@ class _Stop(Exception):
 
 
 def test_compile_aoti_warns_when_the_trace_sizes_narrow_parallelism(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_artifact: Path
 ) -> None:
     ep = torch.export.export(
         _WindowNorm().eval(),
@@ -157,6 +162,15 @@ def test_compile_aoti_warns_when_the_trace_sizes_narrow_parallelism(
         raise _Stop  # a compile that fails half-way
 
     monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", compiler)
+    # a toy program stands for the pipeline: its manifest is the tiny pipeline's
+    pipeline = read_manifest(tiny_artifact)
+    monkeypatch.setattr(
+        aoti,
+        "describe_program",
+        lambda ep, kind, provenance=None, **fields: dataclasses.replace(
+            pipeline, kind=kind, file=None, **fields
+        ),
+    )
     with (
         pytest.warns(UserWarning, match=r"traced at \{'batch': 2\}; with 2 threads .* \['batch'\] alone"),
         pytest.raises(_Stop),
@@ -191,6 +205,11 @@ def test_aoti_manifest_and_hash_are_checked(exported_pair: tuple[Path, Path, int
     copy = tmp_path / "copy.aoti.pt2"
     copy.write_bytes(package.read_bytes() + b"\0")
     Path(f"{copy}.json").write_text(Path(f"{package}.json").read_text())
+    with pytest.raises(s3e.ArtifactError, match=r"size mismatch: the manifest expects \d+ bytes"):
+        load_aoti(copy)
+    changed = bytearray(package.read_bytes())
+    changed[len(changed) // 2] ^= 0xFF  # same size, one byte of the compiled code changed
+    copy.write_bytes(bytes(changed))
     with pytest.raises(s3e.ArtifactError, match="sha256 mismatch"):
         load_aoti(copy)
 
@@ -230,6 +249,5 @@ def test_load_artifact_names_both_accepted_formats(tmp_path: Path) -> None:
     path = tmp_path / "x.pt2"
     path.write_bytes(b"not a program")
     Path(f"{path}.json").write_text(json.dumps({"format": "other"}))
-    wanted = "expected format 'sam3-exportable' or 'sam3-exportable/pt2' or 'sam3-exportable/aoti', got 'othe"
-    with pytest.raises(s3e.ArtifactError, match=wanted):
+    with pytest.raises(s3e.ArtifactError, match="carries no manifest inside"):
         Predictor(path)

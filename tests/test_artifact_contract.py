@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -12,20 +13,21 @@ from conftest import assert_bitwise, eager, example_inputs
 
 import sam3_exportable as s3e
 from sam3_exportable.artifact import load_artifact, manifest_path, read_manifest, save_pipeline
-from sam3_exportable.artifact.manifest import EMBEDDED_NAME, FORMAT, FORMAT_VERSION
+from sam3_exportable.artifact.manifest import EMBEDDED_NAME, FORMAT, FORMAT_VERSION, Manifest
 from sam3_exportable.errors import ArtifactError, InputSpecError
 from sam3_exportable.export import build_artifact
 
-#: Keys every manifest of a program exported by this package carries.
+#: Keys every manifest copy of a program exported by this package carries.
 COMPLETE = {
     "format", "format_version", "kind", "artifact_id", "created", "exported_by", "versions", "model",
     "patches", "inputs", "outputs", "image_size", "context_length", "vocab_size", "normalize",
-    "tokenizer", "autocast_dtype", "audit", "size_hints", "artifact", "sha256", "size_bytes",
+    "tokenizer", "autocast_dtype", "audit", "size_hints", "strict", "source", "data_files", "aoti",
+    "onnx", "file",
 }  # fmt: skip
 
 
 @pytest.fixture(scope="module")
-def python_path_artifact(tiny_model, tmp_path_factory) -> tuple[Path, dict, torch.export.ExportedProgram]:
+def python_path_artifact(tiny_model, tmp_path_factory) -> tuple[Path, Manifest, torch.export.ExportedProgram]:
     """The README's Python path: export_full_pipeline + save_pipeline, nothing else."""
     with s3e.exportable_sam3() as session:
         held = session.held
@@ -38,26 +40,36 @@ def python_path_artifact(tiny_model, tmp_path_factory) -> tuple[Path, dict, torc
 
 def test_python_path_writes_the_complete_manifest(python_path_artifact) -> None:
     path, manifest, _ = python_path_artifact
-    assert COMPLETE <= set(manifest), COMPLETE - set(manifest)
-    assert (manifest["format"], manifest["format_version"]) == (FORMAT, FORMAT_VERSION)
-    assert manifest["kind"] == "pt2"
-    assert manifest["model"]["size"] == "tiny" and manifest["model"]["random_weights"] is True
-    assert manifest["model"]["parameters"] > 3_000_000 and manifest["vocab_size"] == 49408
+    doc = json.loads(manifest_path(path).read_text())
+    assert set(doc) == COMPLETE, set(doc) ^ COMPLETE
+    assert (doc["format"], doc["format_version"]) == (FORMAT, FORMAT_VERSION)
+    assert manifest.kind == "pt2" and manifest.file is not None and manifest.file.name == "tiny.pt2"
+    assert manifest.model.size == "tiny" and manifest.model.random_weights is True
+    assert manifest.model.parameters is not None and manifest.model.parameters > 3_000_000
+    assert manifest.vocab_size == 49408
     with s3e.exportable_sam3() as session:
-        assert manifest["patches"] == list(session.held)
-    assert manifest["audit"]["ranges"] == {"batch": [1, "inf"], "num_prompts": [1, "inf"]}
-    assert [i["name"] for i in manifest["inputs"]] == ["images", "token_ids"]
-    assert [o["name"] for o in manifest["outputs"]] == list(s3e.OUTPUT_NAMES)
-    assert json.loads(manifest_path(path).read_text()) == manifest
+        assert manifest.patches == tuple(session.held)
+    assert manifest.audit is not None
+    assert manifest.audit["ranges"] == {"batch": [1, "inf"], "num_prompts": [1, "inf"]}
+    assert [i.name for i in manifest.inputs] == ["images", "token_ids"]
+    assert [o.name for o in manifest.outputs] == list(s3e.OUTPUT_NAMES)
+    assert Manifest.from_json(doc) == manifest == read_manifest(path)
 
 
 def test_the_recipe_and_the_python_path_write_the_same_fields(python_path_artifact, tmp_path: Path) -> None:
     _, manifest, _ = python_path_artifact
     record = build_artifact(tmp_path / "r.pt2", size="tiny")  # what `sam3-exportable export` runs
-    assert set(record.manifests["pt2"]) == set(manifest)
     assert record.stages.keys() >= {"build", "export", "audit", "save"}
-    for key in ("model", "patches", "audit", "image_size", "context_length", "vocab_size", "tokenizer"):
-        assert record.manifests["pt2"][key] == manifest[key], key
+    for key in (
+        "model",
+        "patches",
+        "audit",
+        "image_size",
+        "context_length",
+        "vocab_size",
+        "bpe_vocab_sha256",
+    ):
+        assert getattr(record.manifests["pt2"], key) == getattr(manifest, key), key
 
 
 def test_load_artifact_interface_and_bitwise_outputs(python_path_artifact, tiny_wrapper) -> None:
@@ -88,13 +100,13 @@ def test_loading_inside_inference_mode_keeps_outputs_bitwise(python_path_artifac
 @pytest.mark.parametrize(
     ("images", "tokens", "message"),
     [
-        (torch.rand(1, 3, 224, 224, dtype=torch.float64), None, "images: expected dtype torch.float32"),
+        (torch.rand(1, 3, 224, 224, dtype=torch.float64), None, "images: expected dtype float32"),
         (torch.rand(0, 3, 224, 224), None, "images: expected a batch of at least one image, got B=0"),
         (torch.full((1, 3, 224, 224), float("nan")), None, "images: expected finite values"),
         (None, torch.ones(0, 32, dtype=torch.int64), "token_ids: expected at least one prompt, got P=0"),
         (None, torch.full((1, 32), 49408), r"token_ids: expected values in \[0, 49408\)"),
-        (None, torch.ones(1, 32, dtype=torch.int32), "token_ids: expected dtype torch.int64"),
-        ([[0.0]], None, "images: expected a torch.Tensor, got list"),
+        (None, torch.ones(1, 32, dtype=torch.int32), "token_ids: expected dtype int64"),
+        ([[0.0]], None, "images: expected a numpy array or torch.Tensor, got list"),
     ],
 )
 def test_artifacts_check_inputs_like_the_eager_wrapper(
@@ -116,13 +128,13 @@ def test_the_file_alone_is_the_artifact(python_path_artifact, tmp_path: Path, ca
     copy.write_bytes(path.read_bytes())  # copied without its manifest copy
     with caplog.at_level(logging.WARNING):
         doc = read_manifest(copy)
-    assert "manifest copy moved.pt2.json is missing" in caplog.text and "sha256" not in doc
-    assert doc["artifact_id"] == manifest["artifact_id"] and load_artifact(copy).kind == "pt2"
-    stale = dict(manifest, artifact_id="0" * 32, sha256="f" * 64)
-    manifest_path(copy).write_text(json.dumps(stale))  # a copy that belongs to another file
+    assert "manifest copy moved.pt2.json is missing" in caplog.text and doc.file is None
+    assert doc.artifact_id == manifest.artifact_id and load_artifact(copy).kind == "pt2"
+    stale = dataclasses.replace(manifest, artifact_id="0" * 32)
+    manifest_path(copy).write_text(stale.dumps())  # a copy that belongs to another file
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        assert read_manifest(copy)["artifact_id"] == manifest["artifact_id"]
+        assert read_manifest(copy).artifact_id == manifest.artifact_id
     assert "is for another file" in caplog.text
 
 
@@ -131,7 +143,7 @@ def test_a_manifest_copy_without_its_file_is_refused(python_path_artifact, tmp_p
     plain = tmp_path / "plain.pt2"
     torch.export.save(ep, plain)
     manifest_path(plain).write_text(manifest_path(path).read_text())
-    with pytest.raises(ArtifactError, match="carries no manifest: the file was replaced"):
+    with pytest.raises(ArtifactError, match="carries no manifest inside: the file was replaced"):
         load_artifact(plain)
 
 
@@ -149,11 +161,12 @@ def test_manifests_of_version_0_1_are_read(python_path_artifact, tmp_path: Path)
             {"name": "images", "shape": ["s0", 3, 224, 224]},
             {"name": "token_ids", "shape": ["s1", 32]},
         ],
-        "outputs": manifest["outputs"],
+        "outputs": [o.to_json() for o in manifest.outputs],
     }
     manifest_path(old).write_text(json.dumps(legacy))
     artifact = load_artifact(old)
-    assert (artifact.kind, artifact.manifest["format_version"], artifact.image_size) == ("pt2", 1, 224)
+    assert (artifact.kind, artifact.image_size, artifact.context_length) == ("pt2", 224, 32)
+    assert artifact.manifest.file is not None and artifact.manifest.file.name == "old.pt2"
 
 
 def test_the_embedded_manifest_lives_in_the_archive(python_path_artifact) -> None:
@@ -164,4 +177,4 @@ def test_the_embedded_manifest_lives_in_the_archive(python_path_artifact) -> Non
         (name,) = [n for n in archive.namelist() if n.endswith(EMBEDDED_NAME)]
         embedded = json.loads(archive.read(name))
     assert "/extra/" in name
-    assert embedded == {k: v for k, v in manifest.items() if k not in ("artifact", "sha256", "size_bytes")}
+    assert Manifest.from_json(embedded) == manifest.embedded and "file" not in embedded

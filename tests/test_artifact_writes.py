@@ -18,11 +18,13 @@ import torch
 
 from sam3_exportable.artifact import files, load_artifact, manifest_path, read_manifest, save_pipeline
 from sam3_exportable.artifact.files import Staging, check_output_dir, check_output_file
+from sam3_exportable.artifact.manifest import Manifest
+from sam3_exportable.artifact.program import Provenance
 from sam3_exportable.errors import OutputExistsError, OutputPathError
 
 
 @pytest.fixture
-def old_artifact(tiny_ep, tmp_path: Path) -> tuple[Path, dict, bytes]:
+def old_artifact(tiny_ep, tmp_path: Path) -> tuple[Path, Manifest, bytes]:
     path = tmp_path / "a.pt2"
     manifest = save_pipeline(tiny_ep, path)
     return path, manifest, path.read_bytes()
@@ -50,13 +52,13 @@ def test_a_kill_between_the_two_renames_leaves_the_new_artifact_loadable(
         save_pipeline(tiny_ep, path, force=True)
     monkeypatch.undo()
     assert calls == [str(path), str(manifest_path(path))]
-    assert json.loads(manifest_path(path).read_text())["artifact_id"] == old["artifact_id"]  # stale copy
+    assert json.loads(manifest_path(path).read_text())["artifact_id"] == old.artifact_id  # stale copy
     new = read_manifest(path)  # the file's own manifest wins over the stale copy
-    assert new["artifact_id"] != old["artifact_id"] and "sha256" not in new
+    assert new.artifact_id != old.artifact_id and new.file is None
     assert load_artifact(path).kind == "pt2"
     assert _leftovers(path.parent) == []
     save_pipeline(tiny_ep, path, force=True)  # a re-run is not blocked and repairs the pair
-    assert "sha256" in read_manifest(path)
+    assert read_manifest(path).file is not None
 
 
 def test_a_full_disk_leaves_the_old_artifact_as_it_was(tiny_ep, old_artifact, monkeypatch) -> None:
@@ -72,19 +74,21 @@ def test_a_full_disk_leaves_the_old_artifact_as_it_was(tiny_ep, old_artifact, mo
     with pytest.raises(OSError, match="No space left"):
         save_pipeline(tiny_ep, path, force=True)
     monkeypatch.undo()
-    assert path.read_bytes() == before and read_manifest(path)["artifact_id"] == old["artifact_id"]
+    assert path.read_bytes() == before and read_manifest(path).artifact_id == old.artifact_id
     assert _leftovers(path.parent) == []
 
 
 _SAVER = textwrap.dedent(
     """
     import signal, sys, torch, torchvision
-    from sam3_exportable.artifact import save_pipeline
+    from sam3_exportable.artifact import read_manifest, save_pipeline
+    from sam3_exportable.artifact.program import Provenance
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # what the CLI does: clean up, exit
     ep = torch.export.load(sys.argv[1])
+    provenance = Provenance.of_manifest(read_manifest(sys.argv[1]))
     print("ready", flush=True)
     while True:
-        save_pipeline(ep, sys.argv[2], force=True)
+        save_pipeline(ep, sys.argv[2], force=True, provenance=provenance)
     """
 )
 
@@ -94,7 +98,7 @@ def test_signals_at_random_moments_never_break_the_artifact(old_artifact, tmp_pa
     source, _, _ = old_artifact
     target = tmp_path / "out" / "b.pt2"
     target.parent.mkdir()
-    save_pipeline(torch.export.load(source), target)
+    save_pipeline(torch.export.load(source), target, provenance=Provenance.of_manifest(read_manifest(source)))
     for delay in (0.7, 1.9):
         proc = subprocess.Popen(
             [sys.executable, "-c", _SAVER, str(source), str(target)], stdout=subprocess.PIPE, text=True
@@ -105,9 +109,9 @@ def test_signals_at_random_moments_never_break_the_artifact(old_artifact, tmp_pa
         proc.wait(60)
         manifest = read_manifest(target)
         artifact = load_artifact(target)  # sha256 checked whenever the copy belongs to the file
-        assert artifact.manifest["artifact_id"] == manifest["artifact_id"]
+        assert artifact.manifest.artifact_id == manifest.artifact_id
         if sig != signal.SIGKILL:  # a catchable signal lands outside the renames: always a pair
-            assert "sha256" in manifest, delay
+            assert manifest.file is not None, delay
             assert _leftovers(target.parent) == []
 
 

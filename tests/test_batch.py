@@ -134,6 +134,28 @@ def _leftovers(out: Path) -> list[str]:
 # -- inputs ---------------------------------------------------------------------------------
 
 
+def test_literal_paths_first_empty_refused_and_one_symlink_rule(tmp_path: Path) -> None:
+    from PIL import Image
+
+    for name in ("photo[1].png", "photo1.png"):
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    assert expand_images([tmp_path / "photo[1].png"]) == [tmp_path / "photo[1].png"]  # not a pattern
+    assert expand_images([f"{tmp_path}/photo[0-9].png"]) == [tmp_path / "photo1.png"]  # no such file
+    for empty in ("", "  "):
+        with pytest.raises(InputSpecError, match="--image: expected an image file, a directory or a pattern"):
+            expand_images([empty])
+    # a symlinked folder: walked from its parent as a ** pattern walks it, each file once
+    real = tmp_path / "real"
+    real.mkdir()
+    Image.new("RGB", (8, 8)).save(real / "x.png")
+    (tmp_path / "tree").mkdir()
+    (tmp_path / "tree" / "link").symlink_to(real, target_is_directory=True)
+    (tmp_path / "tree" / "loop").symlink_to(tmp_path / "tree", target_is_directory=True)
+    by_walk = expand_images([tmp_path / "tree"])
+    by_glob = expand_images([f"{tmp_path}/tree/**/*.png"])
+    assert by_walk == by_glob == [real / "x.png"]
+
+
 def test_images_from_directories_patterns_and_lists(photos, tmp_path: Path, monkeypatch) -> None:
     found = expand_images([photos])
     names = [p.relative_to(photos).as_posix() for p in found]
@@ -487,11 +509,20 @@ def test_force_never_touches_a_directory_that_is_not_ours(
         status, _, err = _main(_args(artifact, foreign, *extra, images=(str(photos / "gray.png"),)))
         assert status == 2 and "no run.json" in err and len(err.strip().splitlines()) == 1, err
         assert sorted(p.name for p in foreign.iterdir()) == ["thesis.tex"]
+    # a run.json that is not ours (another tool's) protects the directory too
+    (foreign / "run.json").write_text('{"experiment": "mine"}')
+    (foreign / "masks").mkdir()
+    (foreign / "masks" / "label.png").write_bytes(b"precious")
+    for extra in ((), ("--force",), ("--resume",)):
+        status, _, err = _main(_args(artifact, foreign, *extra, images=(str(photos / "gray.png"),)))
+        assert status == 2 and "that is not ours" in err and len(err.strip().splitlines()) == 1, err
+        assert (foreign / "masks" / "label.png").read_bytes() == b"precious"
+    assert sorted(p.name for p in foreign.iterdir()) == ["masks", "run.json", "thesis.tex"]
     monkeypatch.chdir(foreign)
     for out in (".", str(tmp_path)):
         status, _, err = _main(_args(artifact, Path(out), "--force", images=(str(photos / "gray.png"),)))
         assert status == 2 and "current directory or one of its parents" in err, err
-    assert sorted(p.name for p in foreign.iterdir()) == ["thesis.tex"]
+    assert sorted(p.name for p in foreign.iterdir()) == ["masks", "run.json", "thesis.tex"]
 
 
 # -- Ray -------------------------------------------------------------------------------------
@@ -648,3 +679,78 @@ def test_an_unreachable_cluster_is_one_line_and_nothing_is_written(artifact, pho
     )
     assert status == 2 and f"--ray-address {address}: expected a running Ray cluster" in err, err
     assert len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_malformed_resume_state_is_one_line_naming_the_file_and_line(
+    artifact, photos, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    image = (str(photos / "gray.png"),)
+    assert _main(_args(artifact, out, images=image))[0] == 0
+    results = out / "results.jsonl"
+    good = results.read_text()
+    for bad, expected in (
+        ('{"index": 99}\n', "line 2: expected an image index in [0, 1), got 99"),
+        ('{"path": "x"}\n', "line 2: expected an image index in [0, 1), got None"),
+        ("not json\n", "line 2: expected a JSON object"),
+    ):
+        results.write_text(good + bad)
+        status, _, err = _main(_args(artifact, out, "--resume", images=image))
+        assert status == 2 and "results.jsonl" in err and expected in err, err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+        assert results.read_text() == good + bad  # nothing was rewritten
+
+
+def test_one_run_per_out_and_a_stale_lock_is_no_obstacle(artifact, photos, tmp_path: Path) -> None:
+    import fcntl
+    import os
+
+    from sam3_exportable.batch.store import LOCK_FILE
+
+    out = tmp_path / "out"
+    image = (str(photos / "gray.png"),)
+    assert _main(_args(artifact, out, images=image))[0] == 0
+    assert not (out / LOCK_FILE).exists()  # released, and its file removed, at the end
+    before = (out / "results.jsonl").read_bytes()
+    fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT)  # another run holds the directory
+    os.write(fd, b"4242\n")
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        for extra in (("--resume",), ("--force",)):
+            status, _, err = _main(_args(artifact, out, *extra, images=image))
+            assert status == 2 and "a run in progress (pid 4242)" in err, err
+            assert len(err.strip().splitlines()) == 1
+        assert (out / "results.jsonl").read_bytes() == before
+    finally:
+        os.close(fd)  # the holder dies: its lock file stays, its flock is gone
+    assert (out / LOCK_FILE).exists()
+    status, _, err = _main(_args(artifact, out, "--force", images=image))
+    assert status == 0, err
+    assert (out / "results.jsonl").read_bytes() == before and not (out / LOCK_FILE).exists()
+
+
+def test_resume_runs_a_changed_image_again_and_keeps_one_line_per_image(
+    artifact, photos, tmp_path: Path
+) -> None:
+    import os
+
+    from PIL import Image
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (48, 32), (10, 200, 30)).save(folder / name)
+    out = tmp_path / "out"
+    assert _main(_args(artifact, out, images=(str(folder),)))[0] == 0
+    before = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["source"]["size"] for r in before] == [os.path.getsize(folder / n) for n in ("a.png", "b.png")]
+    Image.new("RGB", (64, 40), (200, 10, 90)).save(folder / "b.png")  # b changed since
+    stat = os.stat(folder / "b.png")
+    os.utime(folder / "b.png", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    status, _, err = _main(_args(artifact, out, "--resume", images=(str(folder),)))
+    assert status == 0, err
+    after = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in after] == [0, 1]  # one line per image
+    assert after[0] == before[0] and (after[1]["width"], after[1]["height"]) == (64, 40)
+    coco = json.loads((out / "coco.json").read_text())
+    assert [(i["width"], i["height"]) for i in coco["images"]] == [(48, 32), (64, 40)]

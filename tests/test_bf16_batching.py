@@ -8,7 +8,7 @@ from conftest import assert_bitwise, eager
 from torch.profiler import ProfilerActivity, profile
 
 import sam3_exportable as s3e
-from sam3_exportable.contract import synthetic_inputs
+from sam3_exportable.artifact.program import synthetic_inputs
 from sam3_exportable.export import export_full_pipeline
 from sam3_exportable.patching.upstream.model_misc import _contiguous_in_projection_under_autocast
 

@@ -37,6 +37,14 @@ def _one_line_error(capsys, status: int, *needles: str) -> str:
         ),
         (["export", "--random-weights", "--out", "x.pt2", "--verify", "two"], ["--verify", "expected B,P"]),
         (["export", "--out", "x.pt2"], ["one of the arguments --checkpoint --random-weights is required"]),
+        (
+            ["predict", "--model", "m.pt2", "--image", "a", "--out", "o", "--threads", "100000"],
+            ["--threads", "at most 1024"],
+        ),
+        (["export", "--random-weights", "--out", "x.pt2", "--seed", str(2**64)], ["--seed", "[0, 2**63)"]),
+        (["export", "--random-weights", "--out", "x.pt2", "--seed", "-1"], ["--seed", "[0, 2**63)"]),
+        (["bench", "--scaling-budget", "-1"], ["--scaling-budget", "positive number, got -1"]),
+        (["bench", "--resume", "--force"], ["--force", "not allowed with argument --resume"]),
         (["predict", "--model", "m.pt2", "--image", "a.jpg", "--out", "o", "--threshold", "2"], ["[0, 1]"]),
         (["nope"], ["invalid choice: 'nope'"]),
     ],
@@ -116,3 +124,25 @@ def test_a_full_disk_is_one_line(monkeypatch, tmp_path: Path, capsys) -> None:
     monkeypatch.setattr(cli, "build_parser", lambda: _with_func(parser(), "export", full))
     assert main([*EXPORT, "--out", str(tmp_path / "t.pt2")]) == 2
     _one_line_error(capsys, 2, "t.pt2: No space left on device")
+
+
+def test_a_closed_stdout_ends_the_run_cleanly_with_every_output(onnx_pair, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    for i in range(2):
+        Image.new("RGB", (40 + i, 30), (i * 90, 20, 200)).save(tmp_path / f"{i}.png")
+    out = tmp_path / "out"
+    args = ["predict", "--model", str(onnx_pair[0]), "--image", str(tmp_path), "--prompt", "a dog"]
+    args += ["--out", str(out), "--threads", "2", "--threshold", "0.0"]
+    cli_path = Path(sys.executable).with_name("sam3-exportable")  # this Python's, not PATH's
+    proc = subprocess.Popen([str(cli_path), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # the reader is gone before the first line (`... | head -0`)
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 0, err
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
+    assert len((out / "results.jsonl").read_text().splitlines()) == 2
+    assert len(json.loads((out / "coco.json").read_text())["images"]) == 2

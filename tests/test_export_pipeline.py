@@ -13,8 +13,9 @@ from hypothesis import strategies as st
 from torch.export import Dim
 
 import sam3_exportable as s3e
-from sam3_exportable.artifact import load_pipeline, manifest_path, save_pipeline
+from sam3_exportable.artifact import load_pipeline, manifest_path, read_manifest, save_pipeline
 from sam3_exportable.artifact.aoti import size_hints
+from sam3_exportable.artifact.program import provenance_of
 from sam3_exportable.cli import main
 from sam3_exportable.errors import ArtifactError, DynamicShapeAuditError, InputSpecError
 from sam3_exportable.export import EXAMPLE_BATCH, EXAMPLE_PROMPTS, audit_dynamic_shapes, export_full_pipeline
@@ -92,10 +93,10 @@ def test_export_rejects_size_one_examples(tiny_model) -> None:
         (torch.rand(3, 224, 224), None, r"images: expected shape \[B, 3, 224, 224\], got \[3, 224, 224\]"),
         (torch.rand(1, 3, 200, 224), None, r"images: expected shape .* got \[1, 3, 200, 224\]"),
         (torch.rand(0, 3, 224, 224), None, "at least one image, got B=0"),
-        (torch.rand(1, 3, 224, 224, dtype=torch.float64), None, "expected dtype torch.float32"),
+        (torch.rand(1, 3, 224, 224, dtype=torch.float64), None, "expected dtype float32"),
         (None, torch.ones(1, 16, dtype=torch.int64), r"token_ids: expected shape \[P, 32\], got \[1, 16\]"),
         (None, torch.ones(0, 32, dtype=torch.int64), "at least one prompt, got P=0"),
-        (None, torch.ones(1, 32, dtype=torch.int32), "expected dtype torch.int64"),
+        (None, torch.ones(1, 32, dtype=torch.int32), "expected dtype int64"),
         (None, torch.full((1, 32), 49408), r"values in \[0, 49408\)"),
     ],
 )
@@ -122,11 +123,11 @@ def test_bf16_autocast_equals_its_eager_twin_with_fp32_io(tiny_model, tiny_bf16_
 
 def test_save_then_load_in_fresh_process_with_only_torch(tiny_wrapper, tiny_ep, tmp_path: Path) -> None:
     path = tmp_path / "tiny.pt2"
-    manifest = save_pipeline(tiny_ep, path, metadata={"image_size": 224})
-    assert manifest["sha256"] and manifest["versions"]["sam3"].startswith("0.1")
+    manifest = save_pipeline(tiny_ep, path)
+    assert manifest.file is not None and manifest.versions["sam3"].startswith("0.1")  # type: ignore[union-attr]
     assert json.loads(manifest_path(path).read_text())["image_size"] == 224
     # symbolic, not the trace sizes
-    assert [i["shape"][0] for i in manifest["inputs"]] != [EXAMPLE_BATCH, EXAMPLE_PROMPTS]
+    assert [i.shape[0] for i in manifest.inputs] != [EXAMPLE_BATCH, EXAMPLE_PROMPTS]
     inputs = example_inputs(tiny_wrapper, 3, 5, seed=9)  # shape used nowhere in tracing
     assert_bitwise(eager(tiny_wrapper, *inputs), run_in_fresh_process(path, inputs, tmp_path))
     loaded = load_pipeline(path)
@@ -146,6 +147,11 @@ def test_artifact_refuses_overwrite_and_detects_tampering(tiny_ep, tmp_path: Pat
     save_pipeline(tiny_ep, path, force=True)
     with path.open("ab") as fh:
         fh.write(b"x")
+    with pytest.raises(ArtifactError, match="size mismatch"):
+        load_pipeline(path)
+    changed = bytearray(path.read_bytes()[:-1])
+    changed[len(changed) // 2] ^= 0xFF  # the same size, one byte of the weights changed
+    path.write_bytes(bytes(changed))
     with pytest.raises(ArtifactError, match="sha256 mismatch"):
         load_pipeline(path)
     plain = tmp_path / "plain.pt2"
@@ -157,8 +163,14 @@ def test_artifact_refuses_overwrite_and_detects_tampering(tiny_ep, tmp_path: Pat
     foreign = tmp_path / "f.pt2"
     foreign.write_bytes(b"x")
     manifest_path(foreign).write_text('{"format": "other"}')
-    with pytest.raises(ArtifactError, match=r"expected format 'sam3-exportable' or .*, got 'other'"):
+    with pytest.raises(ArtifactError, match="carries no manifest inside"):
         load_pipeline(foreign)
+    transformed = tiny_ep.run_decompositions()  # a new program object: no provenance on it
+    with pytest.raises(ArtifactError, match="expected the provenance export_full_pipeline attaches"):
+        save_pipeline(transformed, tmp_path / "t.pt2")
+    assert not (tmp_path / "t.pt2").exists()
+    saved = save_pipeline(transformed, tmp_path / "t.pt2", provenance=provenance_of(tiny_ep))
+    assert saved.model.size == "tiny" and saved.patches == read_manifest(path).patches
 
 
 def test_cli_export_tiny_verifies_bitwise(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -170,8 +182,8 @@ def test_cli_export_tiny_verifies_bitwise(tmp_path: Path, capsys: pytest.Capture
     for stage in ("build", "export", "audit", "save", "verify"):
         assert f"[{stage}] done in" in text
     assert text.count("bitwise equal: True") == 4 and "exported == eager, bitwise" in text
-    manifest = json.loads(manifest_path(out).read_text())
-    assert manifest["model"]["random_weights"] and manifest["context_length"] == 32
-    assert manifest["image_size"] == 224 and "decoder.static_rpb_feat_size" in manifest["patches"]
+    manifest = read_manifest(out)
+    assert manifest.model.random_weights and manifest.context_length == 32
+    assert manifest.image_size == 224 and "decoder.static_rpb_feat_size" in manifest.patches
     assert main(args) == 2
     assert "exists; pass --force" in capsys.readouterr().err

@@ -67,7 +67,7 @@ def test_full_exported_equals_eager(full_wrapper, full_ep, batch: int, prompts: 
 def test_full_save_and_load_in_fresh_process(full_wrapper, full_ep, tmp_path: Path) -> None:
     path = tmp_path / "sam3.pt2"
     manifest = save_pipeline(full_ep, path)
-    assert manifest["size_bytes"] > 3 * 2**30
+    assert manifest.file is not None and manifest.file.size_bytes > 3 * 2**30
     outputs = run_in_fresh_process(path, example_inputs(full_wrapper, 1, 1, seed=21), tmp_path)
     assert_bitwise(_eager(full_wrapper, 1, 1), outputs)
 

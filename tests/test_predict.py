@@ -194,7 +194,7 @@ def test_bad_inputs_are_refused_and_nothing_is_written(artifact, image_files, tm
     manifest_path(foreign).write_text(manifest_path(artifact).read_text())
     with foreign.open("ab") as fh:
         fh.write(b"tampered")
-    _assert_refused(_predict_args(foreign, image_files, out), out, "sha256 mismatch", capsys)
+    _assert_refused(_predict_args(foreign, image_files, out), out, "size mismatch", capsys)
     out.mkdir()
     (out / "keep.txt").write_text("user data")
     for extra in ((), ("--force",)):

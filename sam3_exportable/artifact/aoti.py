@@ -14,6 +14,7 @@ tests bound the difference and check that the kept instances are the same).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 import warnings
@@ -24,18 +25,11 @@ from typing import Any
 import torch
 from torch.export import ExportedProgram
 
+from ..errors import ArtifactError
 from .base import Artifact
-from .files import Staging, check_output_file, sha256_file
-from .manifest import (
-    EMBEDDED_NAME,
-    check_sha256,
-    describe_program,
-    embedded_text,
-    finish,
-    read_manifest,
-    size_hints,
-    stage_copy,
-)
+from .files import Staging, check_output_file
+from .manifest import EMBEDDED_NAME, AotiInfo, Manifest, SourceRef, check_file, publish, read_manifest
+from .program import Provenance, describe_program, provenance_of, size_hints
 
 __all__ = [
     "DEFAULT_INDUCTOR_CONFIGS",
@@ -44,6 +38,7 @@ __all__ = [
     "aoti_path_for",
     "compile_aoti",
     "load_aoti",
+    "load_aoti_checked",
     "narrowed_parallelism",
     "size_hints",
 ]
@@ -93,19 +88,19 @@ def compile_aoti(
     ep: ExportedProgram,
     path: str | os.PathLike[str],
     *,
-    source_manifest: dict[str, Any] | None = None,
+    source_manifest: Manifest | None = None,
     inductor_configs: dict[str, Any] | None = None,
     force: bool = False,
-) -> dict[str, Any]:
+) -> Manifest:
     """Compile ``ep`` with AOTInductor into the package ``path`` and write its manifest.
 
     ``source_manifest`` is the manifest of the ``.pt2`` that ``ep`` was saved as: its file
     is recorded as the package's ``source``, and for a program without provenance (loaded
-    from disk) its model and I/O fields are carried over. ``inductor_configs`` defaults to
+    from disk) its provenance is carried over. ``inductor_configs`` defaults to
     :data:`DEFAULT_INDUCTOR_CONFIGS`. Written as one commit; an existing package is kept
     unless ``force`` (:class:`~..errors.OutputExistsError`). Returns the manifest, whose
-    ``compile_seconds`` is the wall time of the compile. Warns when the program's size hints
-    would leave size-1 runs on one thread (:func:`narrowed_parallelism`).
+    ``aoti.compile_seconds`` is the wall time of the compile. Warns when the program's size
+    hints would leave size-1 runs on one thread (:func:`narrowed_parallelism`).
     """
     import torch._inductor
 
@@ -122,40 +117,43 @@ def compile_aoti(
             f"(export_full_pipeline(example_batch=..., example_prompts=...)).",
             stacklevel=2,
         )
-    with Staging(force=force) as staging:
-        package = staging.file(target, suffix=".tmp.pt2")  # inductor wants a name ending in .pt2
+    provenance = provenance_of(ep) or (
+        Provenance.of_manifest(source_manifest) if source_manifest is not None else None
+    )
+    source = None
+    if source_manifest is not None:
+        file = source_manifest.file
+        source = SourceRef(
+            kind=source_manifest.kind,
+            artifact_id=source_manifest.artifact_id,
+            artifact=file.name if file else None,
+            sha256=file.sha256 if file else None,
+        )
+    # the compile time is known only after compiling: the record is completed in write()
+    doc = describe_program(
+        ep, "aoti", provenance=provenance, source=source, aoti=AotiInfo(0.0, configs, threads)
+    )
+
+    def write(package: Path, manifest: Manifest, staging: Staging) -> Manifest:
         start = time.perf_counter()
         torch._inductor.aoti_compile_and_package(
             ep, package_path=str(package), inductor_configs=dict(configs)
         )
-        seconds = time.perf_counter() - start
-        doc = describe_program(
-            ep,
-            "aoti",
-            inherit=source_manifest,
-            extra={
-                "compile_seconds": round(seconds, 3),
-                "inductor_configs": configs,
-                "compile_threads": threads,
-                "source": {
-                    "artifact": (source_manifest or {}).get("artifact"),
-                    "sha256": (source_manifest or {}).get("sha256"),
-                },
-            },
-        )
-        _embed(package, embedded_text(doc))
-        full = finish(doc, target, package)
-        stage_copy(staging, target, full)
-        staging.commit()
-    return full
+        seconds = round(time.perf_counter() - start, 3)
+        embedded = dataclasses.replace(manifest, aoti=AotiInfo(seconds, configs, threads))
+        _embed(package, embedded.dumps())
+        return embedded
+
+    return publish(target, doc, write, force=force)
 
 
 class AotiArtifact(Artifact):
     """A loaded AOTInductor package and its manifest (what :func:`load_aoti` returns)."""
 
     kind = "aoti"
+    array_library = "torch"
 
-    def __init__(self, runner: Any, manifest: dict[str, Any], path: Path) -> None:
+    def __init__(self, runner: Any, manifest: Manifest, path: Path) -> None:
         super().__init__(manifest, path)
         self.runner = runner
 
@@ -163,8 +161,12 @@ class AotiArtifact(Artifact):
         """The compiled callable: ``(images, token_ids) -> [logits, boxes, masks, presence]``."""
         return self.runner
 
-    def _run(self, images: torch.Tensor, token_ids: torch.Tensor) -> Any:
-        return self.runner(images, token_ids)
+    def set_threads(self, threads: int) -> None:
+        """``torch.set_num_threads(threads)`` (process-wide)."""
+        torch.set_num_threads(int(threads))
+
+    def _run(self, images: Any, token_ids: Any) -> Any:
+        return self.runner(torch.as_tensor(images), torch.as_tensor(token_ids))
 
 
 #: The name of :class:`AotiArtifact` in sam3-exportable 0.1.
@@ -172,18 +174,36 @@ LoadedAotiPackage = AotiArtifact
 
 
 def load_aoti(path: str | os.PathLike[str], *, verify_hash: bool = True) -> AotiArtifact:
-    """Load an AOTInductor package written by :func:`compile_aoti`.
-
-    Checks the manifest (kind ``"aoti"``) and, unless ``verify_hash`` is False, the package's
-    sha256. Raises :class:`~..errors.ArtifactError` when the file or manifest is missing or
-    foreign, or the hash differs.
-    """
+    """Read the manifest of the package at ``path`` and load it (:func:`load_aoti_checked`)."""
     target = Path(path)
-    manifest = read_manifest(target, kinds=("aoti",))
-    if verify_hash and "sha256" in manifest:
-        check_sha256(target, manifest, sha256_file(target))
+    return load_aoti_checked(target, read_manifest(target, kinds=("aoti",)), verify_hash=verify_hash)
+
+
+def load_aoti_checked(
+    target: Path, manifest: Manifest, *, verify_hash: bool = True, threads: int | None = None
+) -> AotiArtifact:
+    """Load an AOTInductor package written by :func:`compile_aoti` whose manifest was read
+    already; unless ``verify_hash`` is False the package's sha256 (from the manifest copy)
+    is checked first. ``threads`` sets ``torch.set_num_threads`` (process-wide) when given.
+
+    Raises :class:`~..errors.ArtifactError` when the kind is not ``"aoti"``, the hash
+    differs, or AOTInductor cannot load the package.
+    """
+    if manifest.kind != "aoti":
+        raise ArtifactError(f"{target}: expected an 'aoti' artifact, got a {manifest.kind!r} artifact")
+    if verify_hash and manifest.file is not None:
+        check_file(target, manifest.file)
     import torch._inductor
     import torchvision  # noqa: F401  registers torchvision::roi_align for the package's fallback
 
-    runner = torch._inductor.aoti_load_package(str(target))
+    if threads:
+        torch.set_num_threads(int(threads))
+
+    try:
+        runner = torch._inductor.aoti_load_package(str(target))
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        raise ArtifactError(
+            f"{target}: expected an AOTInductor package this torch can load, got: {first}"
+        ) from exc
     return AotiArtifact(runner, manifest, target)

@@ -3,52 +3,58 @@
 from __future__ import annotations
 
 import abc
+import os
 from pathlib import Path
 from typing import Any, ClassVar
 
-import torch
-
 from ..contract import check_inputs
-from ..errors import ArtifactError
+from .manifest import Manifest
 
-__all__ = ["Artifact", "Outputs"]
+__all__ = ["Artifact", "Outputs", "default_threads"]
 
 #: ``(pred_logits, pred_boxes, pred_masks, presence_logit_dec)``, see :mod:`..contract`.
-Outputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+Outputs = tuple[Any, Any, Any, Any]
+
+
+def default_threads() -> int:
+    """The CPUs this process may run on (its affinity mask), at least 1: the intra-op threads
+    of an artifact loaded without ``threads``."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
 
 
 class Artifact(abc.ABC):
     """A loaded artifact: ``artifact(images, token_ids)`` returns the four outputs.
 
     ``images`` float32 ``[B, 3, image_size, image_size]`` and ``token_ids`` int64
-    ``[P, context_length]`` are checked against the manifest's input contract first
-    (:func:`~..contract.check_inputs`: rank, sizes, dtype, ``B >= 1``, ``P >= 1``, finite
-    pixels, ids in the vocabulary), with the same named
-    :class:`~..errors.InputSpecError` as the eager wrapper. The outputs are CPU float32
-    tensors for the ``B * P`` image-major pairs.
+    ``[P, context_length]`` (numpy arrays or torch tensors) are checked against the
+    manifest's input contract first (:func:`~..contract.check_inputs`: rank, sizes, dtype,
+    ``B >= 1``, ``P >= 1``, finite pixels, ids in the vocabulary), with the same named
+    :class:`~..errors.InputSpecError` as the eager wrapper. The outputs are float32 arrays of
+    the kind's :attr:`array_library` (torch tensors for ``pt2``/``aoti``; numpy arrays for
+    ``onnx``, or torch tensors when it was given torch tensors) for the ``B * P``
+    image-major pairs.
 
     Attributes:
         kind: ``"pt2"``, ``"aoti"`` or ``"onnx"`` (from the manifest).
-        manifest: the validated manifest (:mod:`.manifest`).
+        array_library: ``"torch"`` or ``"numpy"``: what the kind computes with; pre- and
+            post-processing follow it (:mod:`..predict.processing`).
+        manifest: the validated :class:`~.manifest.Manifest`.
         path: the file it was loaded from (None for an in-memory program).
-        image_size, context_length: the input contract.
+        image_size, context_length, vocab_size: the input contract.
     """
 
     kind: ClassVar[str]
+    array_library: ClassVar[str]
 
-    def __init__(self, manifest: dict[str, Any], path: Path | None) -> None:
+    def __init__(self, manifest: Manifest, path: Path | None) -> None:
         self.manifest = manifest
         self.path = path
-        try:
-            self.image_size = int(manifest["image_size"])
-            self.context_length = int(manifest["context_length"])
-        except (KeyError, TypeError, ValueError):
-            raise ArtifactError(
-                f"{path or 'artifact'}: expected image_size and context_length in its manifest, got "
-                f"{manifest.get('image_size')!r} and {manifest.get('context_length')!r}"
-            ) from None
-        vocab = manifest.get("vocab_size")
-        self.vocab_size: int | None = int(vocab) if vocab is not None else None
+        self.image_size = manifest.image_size
+        self.context_length = manifest.context_length
+        self.vocab_size: int | None = manifest.vocab_size
 
     def check_inputs(self, images: Any, token_ids: Any) -> None:
         """Raise :class:`~..errors.InputSpecError` unless the inputs fit the contract."""
@@ -60,14 +66,19 @@ class Artifact(abc.ABC):
             vocab_size=self.vocab_size,
         )
 
-    def __call__(self, images: torch.Tensor, token_ids: torch.Tensor) -> Outputs:
+    def __call__(self, images: Any, token_ids: Any) -> Outputs:
         self.check_inputs(images, token_ids)
         logits, boxes, masks, presence = self._run(images, token_ids)
         return logits, boxes, masks, presence
 
     @abc.abstractmethod
-    def _run(self, images: torch.Tensor, token_ids: torch.Tensor) -> Any:
-        """The kind's runtime on checked inputs: four tensors."""
+    def set_threads(self, threads: int) -> None:
+        """Run with ``threads`` intra-op threads from now on (for torch kinds that is
+        ``torch.set_num_threads``, process-wide)."""
+
+    @abc.abstractmethod
+    def _run(self, images: Any, token_ids: Any) -> Any:
+        """The kind's runtime on checked inputs: four arrays."""
 
     def __repr__(self) -> str:
         return (

@@ -1,40 +1,18 @@
-"""The artifact manifest: its schema, the one writer, the one reader.
+"""The artifact manifest: the typed :class:`Manifest`, the one writer, the one reader.
 
 Every artifact is one file (``.pt2`` program, AOTInductor package ``.aoti.pt2``, ONNX graph
 ``.onnx`` with its external-data file) that carries its manifest **inside** (a pt2
-archive's ``extra/`` record; the ONNX model's ``metadata_props``), so the file alone is
-the unit of atomicity: an interrupted or failed export leaves the previous artifact or the
-new one, never a mismatched pair. ``<artifact>.json`` beside it is a readable copy that adds
-the file's sha256 and size; :func:`read_manifest` uses it when it belongs to the file (same
-``artifact_id``) and checks the hash from it, and falls back to the embedded manifest (with a
-warning that integrity is unchecked) when the copy is missing or stale.
+archive's ``extra/`` record; the ONNX model's ``metadata_props``), so the file alone is the
+unit of atomicity. The embedded manifest lists the sha256 of every data file the artifact
+needs (ONNX weights), so integrity travels with the file. ``<artifact>.json`` beside it is a
+readable copy that adds the file's own sha256 and size (:attr:`Manifest.file`): a file
+cannot hold its own hash. A copy that belongs to the file (same ``artifact_id``) must agree
+with the embedded manifest field by field, or the artifact is refused.
 
-Schema (``format`` ``"sam3-exportable"``, ``format_version`` 2), top-level keys:
-
-========================  ==================================================================
-``kind``                  ``"pt2"``, ``"aoti"`` or ``"onnx"``
-``artifact_id``           random hex id shared by the file's embedded manifest and its copy
-``created``, ``exported_by``, ``versions``  when, by which sam3-exportable, with which
-                          python/torch/torchvision/sam3 (and onnx/onnxruntime for ONNX)
-``model``                 size, parameters, checkpoint, random_weights, seed,
-                          missing_keys, unexpected_keys (:class:`..export.builders.BuildInfo`)
-``patches``               names of the patches the exporting session held
-``inputs``, ``outputs``   ``[{"name", "shape", "dtype"}]``; symbolic dims as their symbol
-``image_size``, ``context_length``, ``vocab_size``, ``normalize``, ``tokenizer``
-                          the input contract (:mod:`..contract`, :mod:`..tokenizer`)
-``autocast_dtype``        ``"bf16"``/``"fp16"`` when the graph runs under autocast, else null
-``audit``                 the dynamic-shape audit: symbols and ranges of batch/num_prompts
-``size_hints``            the sizes the program was traced at (AOTInductor plans by them)
-``source``                for a kind compiled from a program: that program's artifact id
-``artifact``, ``sha256``, ``size_bytes``  the file (only in the copy beside it)
-``data_files``            ONNX: ``[{"name", "sha256", "size_bytes"}]`` of external data
-kind-specific keys        AOTInductor: ``compile_seconds``, ``inductor_configs``,
-                          ``compile_threads``; ONNX: ``opset``, ``onnxruntime`` (the
-                          session settings the artifact expects), ``quantization``
-========================  ==================================================================
-
-Manifests of sam3-exportable 0.1 (``format`` ``"sam3-exportable/pt2"`` or ``".../aoti"``,
-sidecar only) are read as ``format_version`` 1.
+This module imports neither torch nor onnx: the runtime install reads every kind's manifest
+(an ONNX graph's ``metadata_props`` are read by :mod:`._onnx_proto` without parsing the
+graph). Schema ``format`` ``"sam3-exportable"``, ``format_version`` 3; versions 1 (0.1
+sidecars) and 2 (flat kind-specific keys) are upgraded on read.
 """
 
 from __future__ import annotations
@@ -45,19 +23,18 @@ import json
 import logging
 import os
 import platform
+import re
 import uuid
-import weakref
 import zipfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from ..contract import DYNAMIC_DIMS, INPUT_NAMES, NORMALIZE_MEAN, NORMALIZE_STD, OUTPUT_NAMES
+from ..contract import INPUT_NAMES, NORMALIZE_MEAN, NORMALIZE_STD, OUTPUT_NAMES
 from ..errors import ArtifactError
 from ..tokenizer import BPE_VOCAB_SHA256, TOKENIZER_KIND
+from ._onnx_proto import read_metadata_prop
 from .files import Staging, sha256_file
 
 __all__ = [
@@ -65,25 +42,26 @@ __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "KINDS",
-    "Provenance",
-    "derive_manifest",
-    "describe_program",
-    "finish",
+    "ONNX_METADATA_KEY",
+    "AotiInfo",
+    "FileRecord",
+    "Manifest",
+    "ModelInfo",
+    "OnnxInfo",
+    "SourceRef",
+    "TensorSpec",
+    "check_file",
     "manifest_path",
-    "program_io",
-    "provenance_of",
+    "new_identity",
     "publish",
     "read_manifest",
-    "record_provenance",
-    "size_hints",
-    "stage_copy",
     "versions_record",
 ]
 
 log = logging.getLogger(__name__)
 
 FORMAT = "sam3-exportable"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 KINDS = ("pt2", "aoti", "onnx")
 #: sam3-exportable 0.1's formats, read as format_version 1
 LEGACY_FORMATS = {"sam3-exportable/pt2": "pt2", "sam3-exportable/aoti": "aoti"}
@@ -91,16 +69,7 @@ LEGACY_FORMATS = {"sam3-exportable/pt2": "pt2", "sam3-exportable/aoti": "aoti"}
 EMBEDDED_NAME = "sam3_exportable_manifest.json"
 #: The ``metadata_props`` key under which an ``.onnx`` graph carries its manifest.
 ONNX_METADATA_KEY = "sam3_exportable.manifest"
-#: Keys only the copy beside the file has (the file cannot hold its own hash).
-FILE_KEYS = ("artifact", "sha256", "size_bytes")
-#: Keys a manifest must have, with their types.
-_REQUIRED: dict[str, type | tuple[type, ...]] = {
-    "kind": str,
-    "image_size": int,
-    "context_length": int,
-    "inputs": list,
-    "outputs": list,
-}
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 def manifest_path(path: str | os.PathLike[str]) -> Path:
@@ -116,211 +85,557 @@ def _version_of(package: str) -> str | None:
 
 
 def versions_record(*extra: str) -> dict[str, str | None]:
-    """Versions of python, torch, torchvision, sam3, this package and ``extra`` packages."""
-    record = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torchvision": _version_of("torchvision"),
-        "sam3": _version_of("sam3"),
-        "sam3_exportable": _version_of("sam3-exportable"),
-    }
-    record.update({name: _version_of(name) for name in extra})
+    """Installed versions of python, torch, torchvision, sam3, this package and ``extra``."""
+    record: dict[str, str | None] = {"python": platform.python_version()}
+    for name in ("torch", "torchvision", "sam3", "sam3-exportable", *extra):
+        record[name.replace("-", "_")] = _version_of(name)
     return record
 
 
-# --------------------------------------------------------------------------- provenance
-
-
-@dataclasses.dataclass(frozen=True)
-class Provenance:
-    """What the export knew about a program that the program itself does not hold."""
-
-    model: dict[str, Any]
-    patches: tuple[str, ...]
-    autocast_dtype: str | None
-    vocab_size: int | None
-    audit: dict[str, Any] | None
-
-
-_PROVENANCE: weakref.WeakKeyDictionary[Any, Provenance] = weakref.WeakKeyDictionary()
-
-#: The manifest keys a Provenance fills (also carried from a source manifest).
-_PROVENANCE_KEYS = ("model", "patches", "autocast_dtype", "vocab_size", "audit")
-
-
-def record_provenance(program: Any, provenance: Provenance) -> None:
-    """Attach ``provenance`` to an in-memory program (held as long as the program lives)."""
-    _PROVENANCE[program] = provenance
-
-
-def provenance_of(program: Any) -> Provenance | None:
-    """The provenance the export recorded for ``program``, or None (e.g. a loaded one)."""
-    return _PROVENANCE.get(program)
-
-
-# --------------------------------------------------------------------------- describing programs
-
-
-def _tensor_spec(name: str, meta_val: Any) -> dict[str, Any]:
-    shape = [str(d) if isinstance(d, torch.SymInt) else int(d) for d in meta_val.shape]
-    return {"name": name, "shape": shape, "dtype": str(meta_val.dtype).replace("torch.", "")}
-
-
-def program_io(ep: torch.export.ExportedProgram) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Input and output specs of an exported pipeline, named as in :mod:`..contract`."""
-    nodes = {n.name: n for n in ep.graph.nodes}
-    user_inputs = list(ep.graph_signature.user_inputs)
-    names = list(INPUT_NAMES) if len(user_inputs) == len(INPUT_NAMES) else user_inputs
-    inputs = [
-        _tensor_spec(name, nodes[node].meta["val"]) for name, node in zip(names, user_inputs, strict=True)
-    ]
-    output_node = next(n for n in ep.graph.nodes if n.op == "output")
-    outs = output_node.args[0]
-    out_names = (
-        list(OUTPUT_NAMES) if len(outs) == len(OUTPUT_NAMES) else [f"output_{i}" for i in range(len(outs))]
-    )
-    outputs = [_tensor_spec(name, o.meta["val"]) for name, o in zip(out_names, outs, strict=True)]
-    return inputs, outputs
-
-
-def size_hints(ep: torch.export.ExportedProgram) -> dict[str, int]:
-    """The size hint ``ep`` carries for each dim of :data:`..contract.DYNAMIC_DIMS`: the size
-    it was traced at (kept by ``torch.export.save``/``load``). AOTInductor plans its loops
-    by these. Dims that are not symbolic, or inputs the program lacks, are left out."""
-    nodes = {n.name: n for n in ep.graph.nodes}
-    user_inputs = list(ep.graph_signature.user_inputs)
-    hints: dict[str, int] = {}
-    for index, dim, name in DYNAMIC_DIMS:
-        if index >= len(user_inputs):
-            continue
-        size = nodes[user_inputs[index]].meta["val"].shape[dim]
-        if isinstance(size, torch.SymInt) and size.node.hint is not None:
-            hints[name] = int(size.node.hint)
-    return hints
-
-
-def describe_program(
-    ep: torch.export.ExportedProgram,
-    kind: str,
-    *,
-    inherit: dict[str, Any] | None = None,
-    extra: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """The manifest of an artifact of ``kind`` made from ``ep``, without the file keys.
-
-    The model, patches, autocast dtype, vocab size and audit come from the provenance the
-    export recorded for ``ep`` (:func:`record_provenance`); for a program without one (a
-    loaded ``.pt2``) from ``inherit``, the manifest of the artifact it was loaded from;
-    otherwise they are recorded as unknown. ``extra`` adds kind-specific keys last.
-    """
-    if kind not in KINDS:
-        raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
-    inputs, outputs = program_io(ep)
-    if len(inputs) != 2 or not all(isinstance(i["shape"][-1], int) for i in inputs):
-        raise ArtifactError(
-            f"program: expected the two inputs (images, token_ids) of the SAM3 pipeline, got {inputs}"
-        )
-    prov = provenance_of(ep)
-    carried: dict[str, Any]
-    if prov is not None:
-        carried = {key: getattr(prov, key) for key in _PROVENANCE_KEYS}
-        carried["patches"] = list(prov.patches)
-    else:
-        carried = {key: (inherit or {}).get(key) for key in _PROVENANCE_KEYS}
-        carried["model"] = carried["model"] or {"size": "unknown", "random_weights": None}
-        carried["patches"] = carried["patches"] if carried["patches"] is not None else []
-    doc: dict[str, Any] = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "kind": kind,
+def new_identity() -> dict[str, str]:
+    """A fresh ``artifact_id``, ``created`` and ``exported_by`` for a manifest being written."""
+    return {
         "artifact_id": uuid.uuid4().hex,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "exported_by": f"sam3-exportable {_version_of('sam3-exportable')}",
-        "versions": versions_record(),
-        **carried,
-        "inputs": inputs,
-        "outputs": outputs,
-        "image_size": int(inputs[0]["shape"][-1]),
-        "context_length": int(inputs[1]["shape"][-1]),
-        "normalize": {"mean": list(NORMALIZE_MEAN), "std": list(NORMALIZE_STD)},
-        "tokenizer": {"kind": TOKENIZER_KIND, "bpe_vocab_sha256": BPE_VOCAB_SHA256},
-        "size_hints": size_hints(ep),
-        "strict": False,
     }
-    if inherit and prov is None and "artifact_id" in inherit:
-        doc["source"] = {"kind": inherit.get("kind"), "artifact_id": inherit["artifact_id"]}
-    doc.update(extra or {})
-    return doc
 
 
-def derive_manifest(source: dict[str, Any], *, extra: dict[str, Any]) -> dict[str, Any]:
-    """The manifest of an artifact made from the artifact ``source`` describes (the same
-    program, transformed: a quantized ONNX graph), without the file keys; ``extra`` last."""
-    keep = {k: v for k, v in source.items() if k not in (*FILE_KEYS, "data_files", "artifact_id", "created")}
-    return {
-        **keep,
-        "artifact_id": uuid.uuid4().hex,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "source": {"artifact": source.get("artifact"), "sha256": source.get("sha256")},
-        **extra,
-    }
+# --------------------------------------------------------------------------- validation helpers
+
+
+class _Invalid(Exception):
+    """A field that does not fit the schema: its dotted name and the message."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+def _need(value: Any, kind: type | tuple[type, ...], field: str, *, optional: bool = False) -> Any:
+    if value is None and optional:
+        return None
+    ok = isinstance(value, kind) and not (isinstance(value, bool) and kind in (int, float, (int, float)))
+    if not ok:
+        name = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise _Invalid(field, f"expected {name}{' or null' if optional else ''}, got {value!r}")
+    return value
+
+
+def _obj(doc: Any, field: str) -> Mapping[str, Any]:
+    return _need(doc, dict, field)
+
+
+def _sha(value: Any, field: str) -> str:
+    if not isinstance(value, str) or not _HEX64.fullmatch(value):
+        raise _Invalid(field, f"expected a sha256 hex digest, got {value!r}")
+    return value
+
+
+def _positive(value: Any, field: str) -> int:
+    _need(value, int, field)
+    if value < 1:
+        raise _Invalid(field, f"expected a positive integer, got {value}")
+    return int(value)
+
+
+# --------------------------------------------------------------------------- the types
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output: ``shape`` has ints and symbolic dims by their symbol."""
+
+    name: str
+    shape: tuple[int | str, ...]
+    dtype: str
+
+    @classmethod
+    def from_json(cls, doc: Any, field: str) -> TensorSpec:
+        doc = _obj(doc, field)
+        shape = _need(doc.get("shape"), list, f"{field}.shape")
+        for i, d in enumerate(shape):
+            _need(d, (int, str), f"{field}.shape[{i}]")
+        return cls(
+            name=_need(doc.get("name"), str, f"{field}.name"),
+            shape=tuple(shape),
+            dtype=_need(doc.get("dtype"), str, f"{field}.dtype"),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+
+@dataclasses.dataclass(frozen=True)
+class FileRecord:
+    """A file of the artifact: its name (beside the artifact), sha256 and size in bytes
+    (None only in the copies 0.1 wrote, which did not record it)."""
+
+    name: str
+    sha256: str
+    size_bytes: int | None
+
+    @classmethod
+    def of(cls, name: str, path: Path) -> FileRecord:
+        """The record of the file at ``path``, to be named ``name``."""
+        return cls(name=name, sha256=sha256_file(path), size_bytes=path.stat().st_size)
+
+    @classmethod
+    def from_json(cls, doc: Any, field: str) -> FileRecord:
+        doc = _obj(doc, field)
+        name = _need(doc.get("name"), str, f"{field}.name")
+        if not name or "/" in name or "\\" in name or name in (".", ".."):
+            raise _Invalid(f"{field}.name", f"expected a plain file name, got {name!r}")
+        size = _need(doc.get("size_bytes"), int, f"{field}.size_bytes", optional=True)
+        if size is not None and size < 0:
+            raise _Invalid(f"{field}.size_bytes", f"expected a size >= 0, got {size}")
+        return cls(name=name, sha256=_sha(doc.get("sha256"), f"{field}.sha256"), size_bytes=size)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    """What was exported: :class:`~..export.builders.BuildInfo` as recorded, or ``size``
+    ``"unknown"`` for a program whose export this package did not see."""
+
+    size: str
+    parameters: int | None = None
+    checkpoint: str | None = None
+    random_weights: bool | None = None
+    seed: int | None = None
+    missing_keys: int = 0
+    unexpected_keys: int = 0
+
+    @classmethod
+    def from_json(cls, doc: Any, field: str) -> ModelInfo:
+        doc = _obj(doc, field)
+        counts = {}
+        for name in ("missing_keys", "unexpected_keys"):
+            value = doc.get(name, 0)
+            counts[name] = len(value) if isinstance(value, list) else _need(value, int, f"{field}.{name}")
+        return cls(
+            size=_need(doc.get("size"), str, f"{field}.size"),
+            parameters=_need(doc.get("parameters"), int, f"{field}.parameters", optional=True),
+            checkpoint=_need(doc.get("checkpoint"), str, f"{field}.checkpoint", optional=True),
+            random_weights=_need(doc.get("random_weights"), bool, f"{field}.random_weights", optional=True),
+            seed=_need(doc.get("seed"), int, f"{field}.seed", optional=True),
+            **counts,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceRef:
+    """The artifact this one was made from (an AOTI package's ``.pt2``, an int8 graph's
+    fp32 graph), as far as it was known."""
+
+    kind: str | None = None
+    artifact_id: str | None = None
+    artifact: str | None = None
+    sha256: str | None = None
+
+    @classmethod
+    def from_json(cls, doc: Any, field: str) -> SourceRef:
+        doc = _obj(doc, field)
+        return cls(
+            **{
+                k: _need(doc.get(k), str, f"{field}.{k}", optional=True)
+                for k in ("kind", "artifact_id", "artifact", "sha256")
+            }
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class AotiInfo:
+    """How an AOTInductor package was compiled."""
+
+    compile_seconds: float
+    inductor_configs: Mapping[str, Any]
+    compile_threads: int
+
+    @classmethod
+    def from_json(cls, doc: Any, field: str) -> AotiInfo:
+        doc = _obj(doc, field)
+        return cls(
+            compile_seconds=float(
+                _need(doc.get("compile_seconds"), (int, float), f"{field}.compile_seconds")
+            ),
+            inductor_configs=dict(_obj(doc.get("inductor_configs"), f"{field}.inductor_configs")),
+            compile_threads=_positive(doc.get("compile_threads"), f"{field}.compile_threads"),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "inductor_configs": dict(self.inductor_configs)}
+
+
+@dataclasses.dataclass(frozen=True)
+class OnnxInfo:
+    """How an ONNX graph was made and the onnxruntime session settings it expects."""
+
+    opset: int
+    optimized: bool
+    session: Mapping[str, Any]
+    contrib_ops: tuple[str, ...] = ()
+    quantization: Mapping[str, Any] | None = None
+
+    @classmethod
+    def from_json(cls, doc: Any, field: str) -> OnnxInfo:
+        doc = _obj(doc, field)
+        ops = _need(doc.get("contrib_ops", []), list, f"{field}.contrib_ops")
+        quant = doc.get("quantization")
+        return cls(
+            opset=_positive(doc.get("opset"), f"{field}.opset"),
+            optimized=_need(doc.get("optimized"), bool, f"{field}.optimized"),
+            session=dict(_obj(doc.get("session"), f"{field}.session")),
+            contrib_ops=tuple(_need(o, str, f"{field}.contrib_ops[{i}]") for i, o in enumerate(ops)),
+            quantization=None if quant is None else dict(_obj(quant, f"{field}.quantization")),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "opset": self.opset,
+            "optimized": self.optimized,
+            "session": dict(self.session),
+            "contrib_ops": list(self.contrib_ops),
+            "quantization": None if self.quantization is None else dict(self.quantization),
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+    """What an artifact is, what it was made from and what proves it.
+
+    Raises :class:`~..errors.ArtifactError` from :meth:`from_json` naming the first field
+    that does not fit the schema. Frozen: derive a changed one with :func:`dataclasses.replace`.
+
+    Attributes:
+        kind: ``"pt2"``, ``"aoti"`` or ``"onnx"``.
+        artifact_id: random hex id shared by the file's embedded manifest and its copy.
+        created, exported_by, versions: when, by which sam3-exportable, with which packages.
+        model: what was exported (:class:`ModelInfo`).
+        patches: names of the runtime patches the exporting session held.
+        inputs, outputs: the graph's I/O (:class:`TensorSpec`, contract names).
+        image_size, context_length, vocab_size: the input contract (``vocab_size`` None when
+            unknown: token ids are then not range-checked).
+        normalize_mean, normalize_std: per-channel normalisation of ``images``.
+        tokenizer_kind, bpe_vocab_sha256: which tokenizer and vocabulary make ``token_ids``.
+        autocast_dtype: ``"bf16"``/``"fp16"`` when the graph runs under autocast, else None.
+        audit: the dynamic-shape audit's report (None when not audited).
+        size_hints: the sizes the program was traced at, by dim name.
+        strict: whether the program was traced with ``strict=True``.
+        source: the artifact this one was made from, if any.
+        data_files: every other file the artifact needs beside it, with sha256 and size.
+        aoti, onnx: the kind's own record (exactly one for those kinds, None otherwise).
+        file: the artifact file's own record; only the copy beside the file has it.
+    """
+
+    kind: str
+    artifact_id: str
+    created: str
+    exported_by: str
+    versions: Mapping[str, str | None]
+    model: ModelInfo
+    patches: tuple[str, ...]
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    image_size: int
+    context_length: int
+    vocab_size: int | None = None
+    normalize_mean: tuple[float, ...] = NORMALIZE_MEAN
+    normalize_std: tuple[float, ...] = NORMALIZE_STD
+    tokenizer_kind: str = TOKENIZER_KIND
+    bpe_vocab_sha256: str = BPE_VOCAB_SHA256
+    autocast_dtype: str | None = None
+    audit: Mapping[str, Any] | None = None
+    size_hints: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    strict: bool = False
+    source: SourceRef | None = None
+    data_files: tuple[FileRecord, ...] = ()
+    aoti: AotiInfo | None = None
+    onnx: OnnxInfo | None = None
+    file: FileRecord | None = None
+
+    # ------------------------------------------------------------------ JSON
+
+    def to_json(self) -> dict[str, Any]:
+        """The manifest as JSON-ready data (schema ``format_version`` :data:`FORMAT_VERSION`)."""
+        doc: dict[str, Any] = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "kind": self.kind,
+            "artifact_id": self.artifact_id,
+            "created": self.created,
+            "exported_by": self.exported_by,
+            "versions": dict(self.versions),
+            "model": self.model.to_json(),
+            "patches": list(self.patches),
+            "inputs": [s.to_json() for s in self.inputs],
+            "outputs": [s.to_json() for s in self.outputs],
+            "image_size": self.image_size,
+            "context_length": self.context_length,
+            "vocab_size": self.vocab_size,
+            "normalize": {"mean": list(self.normalize_mean), "std": list(self.normalize_std)},
+            "tokenizer": {"kind": self.tokenizer_kind, "bpe_vocab_sha256": self.bpe_vocab_sha256},
+            "autocast_dtype": self.autocast_dtype,
+            "audit": None if self.audit is None else dict(self.audit),
+            "size_hints": dict(self.size_hints),
+            "strict": self.strict,
+            "source": None if self.source is None else self.source.to_json(),
+            "data_files": [f.to_json() for f in self.data_files],
+            "aoti": None if self.aoti is None else self.aoti.to_json(),
+            "onnx": None if self.onnx is None else self.onnx.to_json(),
+        }
+        if self.file is not None:
+            doc["file"] = self.file.to_json()
+        return doc
+
+    def dumps(self) -> str:
+        """The JSON text written to files (sorted keys, indented)."""
+        return json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, doc: Any, where: str = "manifest", *, file_name: str | None = None) -> Manifest:
+        """Validate ``doc`` (any supported ``format_version``, upgraded) into a Manifest;
+        ``file_name`` names the artifact file for an old copy that does not."""
+        try:
+            return cls._from_current(_upgrade(doc, file_name), where)
+        except _Invalid as exc:
+            raise ArtifactError(f"{where}: {exc}") from None
+
+    @classmethod
+    def loads(cls, text: str, where: str = "manifest") -> Manifest:
+        """:meth:`from_json` of JSON text; raises ArtifactError for text that is not JSON."""
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ArtifactError(f"{where}: expected JSON, could not parse it: {exc}") from None
+        return cls.from_json(doc, where)
+
+    @classmethod
+    def _from_current(cls, doc: Mapping[str, Any], where: str) -> Manifest:
+        kind = _need(doc.get("kind"), str, "kind")
+        if kind not in KINDS:
+            raise _Invalid("kind", f"expected one of {list(KINDS)}, got {kind!r}")
+        versions = _obj(doc.get("versions", {}), "versions")
+        for key, value in versions.items():
+            _need(value, str, f"versions.{key}", optional=True)
+        patches = _need(doc.get("patches", []), list, "patches")
+        normalize = _obj(doc.get("normalize", {"mean": NORMALIZE_MEAN, "std": NORMALIZE_STD}), "normalize")
+        tokenizer = _obj(doc.get("tokenizer", {}), "tokenizer")
+        hints = _obj(doc.get("size_hints", {}), "size_hints")
+        autocast = doc.get("autocast_dtype")
+        if autocast not in (None, "bf16", "fp16"):
+            raise _Invalid("autocast_dtype", f"expected 'bf16', 'fp16' or null, got {autocast!r}")
+        stats = {}
+        for key in ("mean", "std"):
+            values = _need(list(normalize.get(key, [])), list, f"normalize.{key}")
+            if len(values) != 3:
+                raise _Invalid(f"normalize.{key}", f"expected 3 values, got {values!r}")
+            stats[key] = tuple(float(_need(v, (int, float), f"normalize.{key}")) for v in values)
+        manifest = cls(
+            kind=kind,
+            artifact_id=_need(doc.get("artifact_id"), str, "artifact_id"),
+            created=_need(doc.get("created", ""), str, "created"),
+            exported_by=_need(doc.get("exported_by", ""), str, "exported_by"),
+            versions=dict(versions),
+            model=ModelInfo.from_json(doc.get("model", {"size": "unknown"}), "model"),
+            patches=tuple(_need(p, str, f"patches[{i}]") for i, p in enumerate(patches)),
+            inputs=tuple(
+                TensorSpec.from_json(s, f"inputs[{i}]")
+                for i, s in enumerate(_need(doc.get("inputs"), list, "inputs"))
+            ),
+            outputs=tuple(
+                TensorSpec.from_json(s, f"outputs[{i}]")
+                for i, s in enumerate(_need(doc.get("outputs"), list, "outputs"))
+            ),
+            image_size=_positive(doc.get("image_size"), "image_size"),
+            context_length=_positive(doc.get("context_length"), "context_length"),
+            vocab_size=None
+            if doc.get("vocab_size") is None
+            else _positive(doc.get("vocab_size"), "vocab_size"),
+            normalize_mean=stats["mean"],
+            normalize_std=stats["std"],
+            tokenizer_kind=_need(tokenizer.get("kind", TOKENIZER_KIND), str, "tokenizer.kind"),
+            bpe_vocab_sha256=_sha(
+                tokenizer.get("bpe_vocab_sha256", BPE_VOCAB_SHA256), "tokenizer.bpe_vocab_sha256"
+            ),
+            autocast_dtype=autocast,
+            audit=None if doc.get("audit") is None else dict(_obj(doc.get("audit"), "audit")),
+            size_hints={str(k): _positive(v, f"size_hints.{k}") for k, v in hints.items()},
+            strict=_need(doc.get("strict", False), bool, "strict"),
+            source=None if doc.get("source") is None else SourceRef.from_json(doc["source"], "source"),
+            data_files=tuple(
+                FileRecord.from_json(f, f"data_files[{i}]")
+                for i, f in enumerate(_need(doc.get("data_files") or [], list, "data_files"))
+            ),
+            aoti=None if doc.get("aoti") is None else AotiInfo.from_json(doc["aoti"], "aoti"),
+            onnx=None if doc.get("onnx") is None else OnnxInfo.from_json(doc["onnx"], "onnx"),
+            file=None if doc.get("file") is None else FileRecord.from_json(doc["file"], "file"),
+        )
+        manifest._check_consistent()
+        return manifest
+
+    def _check_consistent(self) -> None:
+        names = tuple(s.name for s in self.inputs)
+        if names[:2] != INPUT_NAMES[: len(names[:2])] or len(names) < 2:
+            raise _Invalid("inputs", f"expected the inputs {list(INPUT_NAMES)} first, got {list(names)}")
+        if tuple(s.name for s in self.outputs) != OUTPUT_NAMES:
+            raise _Invalid(
+                "outputs", f"expected the outputs {list(OUTPUT_NAMES)}, got {[s.name for s in self.outputs]}"
+            )
+        if self.inputs[0].shape[-1] != self.image_size:
+            raise _Invalid(
+                "image_size",
+                f"expected the images input's size {self.inputs[0].shape[-1]}, got {self.image_size}",
+            )
+        if self.inputs[1].shape[-1] != self.context_length:
+            raise _Invalid(
+                "context_length",
+                f"expected the token_ids input's length {self.inputs[1].shape[-1]}, "
+                f"got {self.context_length}",
+            )
+        for kind in ("aoti", "onnx"):
+            present = getattr(self, kind) is not None
+            if present != (self.kind == kind):
+                raise _Invalid(
+                    kind, f"expected a record for kind {kind!r} artifacts only (this is {self.kind!r})"
+                )
+
+    # ------------------------------------------------------------------ derived
+
+    @property
+    def embedded(self) -> Manifest:
+        """This manifest as the artifact file embeds it (without :attr:`file`)."""
+        return dataclasses.replace(self, file=None)
+
+    def derive(self, kind: str, **changes: Any) -> Manifest:
+        """The manifest of an artifact of ``kind`` made from the one this describes: a new
+        identity, the source recorded, no file records; ``changes`` applied last."""
+        source = SourceRef(
+            kind=self.kind,
+            artifact_id=self.artifact_id,
+            artifact=self.file.name if self.file else None,
+            sha256=self.file.sha256 if self.file else None,
+        )
+        fields: dict[str, Any] = {
+            **new_identity(),
+            "kind": kind,
+            "source": source,
+            "data_files": (),
+            "file": None,
+        }
+        fields.update(aoti=None, onnx=None)
+        fields.update(changes)
+        return dataclasses.replace(self, **fields)
+
+    def summary(self) -> dict[str, Any]:
+        """The fields a person or a client asks first (kind, model, I/O contract, id)."""
+        return {
+            "kind": self.kind,
+            "artifact_id": self.artifact_id,
+            "model": self.model.to_json(),
+            "image_size": self.image_size,
+            "context_length": self.context_length,
+            "inputs": [s.to_json() for s in self.inputs],
+            "outputs": [s.to_json() for s in self.outputs],
+            "autocast_dtype": self.autocast_dtype,
+            "quantization": None
+            if self.onnx is None or self.onnx.quantization is None
+            else dict(self.onnx.quantization),
+        }
+
+
+# --------------------------------------------------------------------------- upgrading old schemas
+
+#: format_version 2's flat keys of each kind, moved under ``aoti`` / ``onnx`` in version 3.
+_V2_AOTI = ("compile_seconds", "inductor_configs", "compile_threads")
+_V2_ONNX = {
+    "opset": "opset",
+    "onnx_optimized": "optimized",
+    "onnxruntime": "session",
+    "contrib_ops": "contrib_ops",
+    "quantization": "quantization",
+}
+
+
+def _upgrade(doc: Any, file_name: str | None = None) -> dict[str, Any]:
+    """``doc`` in the current schema: version 1 (0.1 sidecars) and 2 are upgraded
+    (``file_name``: the artifact's name, for a copy that records its hash but not its name)."""
+    if not isinstance(doc, dict):
+        raise _Invalid("manifest", f"expected a JSON object, got {type(doc).__name__}")
+    fmt = doc.get("format")
+    if fmt in LEGACY_FORMATS:
+        doc = {**doc, "format": FORMAT, "format_version": 2, "kind": LEGACY_FORMATS[fmt]}
+        inputs = doc.get("inputs")
+        if isinstance(inputs, list) and len(inputs) == 2 and all(isinstance(i, dict) for i in inputs):
+            doc.setdefault("image_size", (inputs[0].get("shape") or [None])[-1])
+            doc.setdefault("context_length", (inputs[1].get("shape") or [None])[-1])
+            doc["inputs"] = [{"dtype": d, **i} for d, i in zip(("float32", "int64"), inputs, strict=True)]
+        doc.setdefault("artifact_id", "")
+    elif fmt != FORMAT:
+        raise _Invalid("format", f"expected {FORMAT!r}, got {fmt!r}")
+    version_ = doc.get("format_version")
+    if version_ == FORMAT_VERSION:
+        return doc
+    if version_ != 2:
+        raise _Invalid(
+            "format_version",
+            f"expected 1, 2 or {FORMAT_VERSION}, got {version_!r} (written by a newer sam3-exportable?)",
+        )
+    up = {k: v for k, v in doc.items() if k not in (*_V2_AOTI, *_V2_ONNX, "artifact", "sha256", "size_bytes")}
+    up["format_version"] = FORMAT_VERSION
+    if doc.get("kind") == "aoti":
+        up["aoti"] = {k: doc.get(k) for k in _V2_AOTI}
+    if doc.get("kind") == "onnx":
+        up["onnx"] = {new: doc.get(old) for old, new in _V2_ONNX.items()}
+        up["onnx"]["optimized"] = bool(doc.get("onnx_optimized", True))
+        up["onnx"]["contrib_ops"] = doc.get("contrib_ops") or []
+    if "sha256" in doc:
+        up["file"] = {
+            "name": doc.get("artifact") or file_name,
+            "sha256": doc.get("sha256"),
+            "size_bytes": doc.get("size_bytes"),
+        }
+    source = doc.get("source")
+    if isinstance(source, dict):
+        up["source"] = {k: source.get(k) for k in ("kind", "artifact_id", "artifact", "sha256")}
+    return up
 
 
 # --------------------------------------------------------------------------- writing
 
 
-def _dumps(doc: dict[str, Any]) -> str:
-    return json.dumps(doc, indent=2, sort_keys=True) + "\n"
-
-
-def embedded_text(doc: dict[str, Any]) -> str:
-    """The manifest as the artifact file embeds it (no file keys)."""
-    return _dumps({k: v for k, v in doc.items() if k not in FILE_KEYS})
-
-
-def finish(
-    doc: dict[str, Any], target: Path, written: Path, data_files: Iterable[tuple[str, Path]] = ()
-) -> dict[str, Any]:
-    """``doc`` plus the file keys of ``written`` (the staged file that becomes ``target``)
-    and the sha256 and size of each ``(final name, staged path)`` data file."""
-    full = {
-        **doc,
-        "artifact": target.name,
-        "sha256": sha256_file(written),
-        "size_bytes": written.stat().st_size,
-    }
-    data = [
-        {"name": name, "sha256": sha256_file(p), "size_bytes": p.stat().st_size} for name, p in data_files
-    ]
-    if data:
-        full["data_files"] = data
-    return full
-
-
-def stage_copy(staging: Staging, target: Path, full: dict[str, Any]) -> None:
-    """Stage the readable copy ``<target>.json`` of a finished manifest (committed with the file)."""
-    staging.file(manifest_path(target)).write_text(_dumps(full))
-
-
 def publish(
     target: str | os.PathLike[str],
-    doc: dict[str, Any],
-    write: Callable[[Path, str], None],
+    manifest: Manifest,
+    write: Callable[[Path, Manifest, Staging], Manifest],
     *,
     force: bool = False,
-) -> dict[str, Any]:
-    """Write a one-file artifact and its manifest copy as one commit; return the manifest.
+    suffix: str = "",
+) -> Manifest:
+    """Write an artifact and its manifest copy as one commit; return the full manifest.
 
-    ``write(tmp, embedded)`` writes the artifact to ``tmp`` with the manifest text
-    ``embedded`` inside it. On any failure (also an interrupt) nothing is replaced.
-    Raises :class:`~..errors.OutputPathError` for an existing target without ``force``.
+    The one writer of every kind. ``write(tmp, manifest, staging)`` writes the artifact file
+    to ``tmp`` (a staging name ending in ``suffix``, default ``.tmp`` plus ``target``'s own
+    suffix, which torch's writers expect), stages any data file with ``staging``, embeds
+    the manifest and returns the manifest it embedded (``manifest`` with the records of the
+    data files added). The copy beside the file adds the file's own record. On any failure
+    (also an interrupt) nothing is replaced. Raises :class:`~..errors.OutputPathError` for
+    an existing target without ``force``.
     """
     target = Path(target)
     with Staging(force=force) as staging:
-        tmp = staging.file(target)
-        write(tmp, embedded_text(doc))
-        full = finish(doc, target, tmp)
-        stage_copy(staging, target, full)
+        tmp = staging.file(target, suffix=suffix or f".tmp{target.suffix}")
+        embedded = write(tmp, manifest, staging)
+        full = dataclasses.replace(embedded, file=FileRecord.of(target.name, tmp))
+        staging.file(manifest_path(target)).write_text(full.dumps())
         staging.commit()
     return full
 
@@ -328,149 +643,127 @@ def publish(
 # --------------------------------------------------------------------------- reading
 
 
-def _read_zip_embedded(path: Path) -> dict[str, Any] | None:
+def _read_zip_embedded(path: Path) -> str | None:
     try:
         with zipfile.ZipFile(path) as archive:
             names = [n for n in archive.namelist() if n.endswith(f"/extra/{EMBEDDED_NAME}")]
             if not names:
                 return None
-            text = archive.read(names[0]).decode("utf-8")
+            return archive.read(names[0]).decode("utf-8")
     except (zipfile.BadZipFile, OSError, KeyError, UnicodeDecodeError) as exc:
         raise ArtifactError(f"{path}: expected a readable archive, could not read it: {exc}") from None
-    return _parse(text, f"{path} (embedded manifest)")
 
 
-def _read_embedded(path: Path) -> dict[str, Any] | None:
-    """The manifest inside the artifact file, or None if it carries none."""
+def _read_embedded_text(path: Path) -> str | None:
+    """The manifest text inside the artifact file, or None if it carries none."""
     if zipfile.is_zipfile(path):
         return _read_zip_embedded(path)
-    if path.suffix == ".onnx":
-        text = _read_onnx_embedded(path)
-        return None if text is None else _parse(text, f"{path} (embedded manifest)")
-    return None
-
-
-def _read_onnx_embedded(path: Path) -> str | None:
-    """The manifest text in an ``.onnx`` file's ``metadata_props``, or None if it has none."""
     try:
-        import onnx
-    except ImportError as exc:
-        raise ImportError(
-            f"onnx is needed to read ONNX artifacts: pip install 'sam3-exportable[onnx]' ({exc})"
-        ) from exc
-    try:
-        model = onnx.load(os.fspath(path), load_external_data=False)
-    except Exception as exc:  # protobuf raises its own DecodeError for foreign files
-        raise ArtifactError(f"{path}: expected an ONNX model, could not parse it: {exc}") from None
-    return next((p.value for p in model.metadata_props if p.key == ONNX_METADATA_KEY), None)
+        return read_metadata_prop(path, ONNX_METADATA_KEY)
+    except ValueError:
+        return None  # neither a zip nor an ONNX protobuf
 
 
-def _parse(text: str, where: str) -> dict[str, Any]:
-    try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ArtifactError(f"{where}: expected JSON, could not parse it: {exc}") from None
-    if not isinstance(doc, dict):
-        raise ArtifactError(f"{where}: expected a JSON object, got {type(doc).__name__}")
-    return doc
-
-
-def _read_copy(path: Path) -> dict[str, Any] | None:
+def _read_copy(path: Path) -> Any:
     copy = manifest_path(path)
     if not copy.is_file():
         return None
     try:
-        text = copy.read_text()
-    except OSError as exc:
+        text = copy.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
         raise ArtifactError(f"{copy}: expected a readable manifest, could not read it: {exc}") from None
-    return _parse(text, str(copy))
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{copy}: expected JSON, could not parse it: {exc}") from None
 
 
-def _upgrade_legacy(doc: dict[str, Any], where: str) -> dict[str, Any]:
-    """A 0.1 manifest (sidecar only) in the current schema, ``format_version`` 1."""
-    up = {**doc, "format": FORMAT, "format_version": 1, "kind": LEGACY_FORMATS[doc["format"]]}
-    inputs = up.get("inputs")
-    if isinstance(inputs, list) and len(inputs) == 2:
-        up.setdefault("image_size", inputs[0].get("shape", [None])[-1])
-        up.setdefault("context_length", inputs[1].get("shape", [None])[-1])
-    return up
+def _disagreement(embedded: Any, copy: Any, file_name: str) -> str | None:
+    """The first top-level field in which the manifest copy differs from the embedded one
+    (both upgraded to the current schema; the copy's own file record aside), or None."""
+    try:
+        mine, theirs = _upgrade(embedded), _upgrade(copy, file_name)
+    except _Invalid as exc:
+        return exc.field
+    theirs = {k: v for k, v in theirs.items() if k != "file"}
+    for key in sorted(set(mine) | set(theirs)):
+        if mine.get(key) != theirs.get(key):
+            return key
+    return None
 
 
-def _validate(doc: dict[str, Any], where: str) -> dict[str, Any]:
-    if doc.get("format") != FORMAT:
-        raise ArtifactError(f"{where}: expected format {FORMAT!r}, got {doc.get('format')!r}")
-    if doc.get("format_version") not in (1, FORMAT_VERSION):
-        raise ArtifactError(
-            f"{where}: expected format_version 1 or {FORMAT_VERSION}, got {doc.get('format_version')!r} "
-            "(written by a newer sam3-exportable?)"
-        )
-    for key, kind in _REQUIRED.items():
-        if not isinstance(doc.get(key), kind) or isinstance(doc.get(key), bool):
-            raise ArtifactError(f"{where}: expected {key!r} of type {kind.__name__}, got {doc.get(key)!r}")
-    if doc["kind"] not in KINDS:
-        raise ArtifactError(f"{where}: expected kind in {list(KINDS)}, got {doc['kind']!r}")
-    for key in ("image_size", "context_length"):
-        if doc[key] < 1:
-            raise ArtifactError(f"{where}: expected a positive {key}, got {doc[key]}")
-    return doc
-
-
-def read_manifest(path: str | os.PathLike[str], *, kinds: Iterable[str] = KINDS) -> dict[str, Any]:
+def read_manifest(path: str | os.PathLike[str], *, kinds: Iterable[str] = KINDS) -> Manifest:
     """Read and validate the manifest of the artifact at ``path``.
 
-    Returns the copy beside the file when it belongs to it (it then has ``sha256``, which
-    loaders check), else the manifest inside the file (no ``sha256``; a warning is logged).
-    Raises :class:`~..errors.ArtifactError` when the file is missing or foreign, the
-    manifest is malformed or for another file, or its kind is not in ``kinds``.
+    The manifest inside the file decides; the copy beside it, when it belongs to the file
+    (same ``artifact_id``), must agree with it in every field and adds :attr:`Manifest.file`
+    (the file's own sha256, which loaders check). Without such a copy the manifest inside
+    the file is used and a warning says the file's own hash cannot be checked (its data
+    files' hashes still are). A 0.1 artifact (manifest only beside the file) is read from
+    its copy. Raises :class:`~..errors.ArtifactError` when the file is missing or foreign,
+    a manifest is malformed, the copy disagrees (naming the field), or the kind is not in
+    ``kinds``.
     """
     target = Path(path)
     accepted = tuple(kinds)
     if not target.is_file():
         raise ArtifactError(f"{target}: expected an artifact file, found none")
-    embedded = _read_embedded(target)
-    copy = _read_copy(target)
+    text = _read_embedded_text(target)
+    copy_doc = _read_copy(target)
     copy_name = manifest_path(target).name
-    if embedded is None:
-        if copy is None:
+    if text is None:
+        if copy_doc is None:
             raise ArtifactError(
                 f"{target}: expected a manifest inside it or beside it ({copy_name}, written by "
                 "sam3-exportable export); found none, so this is not a sam3-exportable artifact"
             )
-        where = str(manifest_path(target))
-        if copy.get("format") in LEGACY_FORMATS:
-            doc = _validate(_upgrade_legacy(copy, where), where)
-        elif copy.get("format") == FORMAT:
+        if isinstance(copy_doc, dict) and copy_doc.get("format") in LEGACY_FORMATS:
+            manifest = Manifest.from_json(copy_doc, str(manifest_path(target)), file_name=target.name)
+        else:
             raise ArtifactError(
-                f"{target}: expected the artifact that {copy_name} describes (id "
-                f"{copy.get('artifact_id')}), got a file that carries no manifest: the file was "
-                "replaced or the manifest copied from elsewhere"
+                f"{target}: expected the artifact that {copy_name} describes, got a file that "
+                "carries no manifest inside: the file was replaced, or the copy belongs elsewhere"
             )
-        else:
-            wanted = " or ".join(repr(f) for f in (FORMAT, *LEGACY_FORMATS))
-            raise ArtifactError(f"{where}: expected format {wanted}, got {copy.get('format')!r}")
     else:
-        doc = _validate(embedded, f"{target} (embedded manifest)")
-        if copy is not None and copy.get("artifact_id") == doc.get("artifact_id"):
-            doc = _validate(copy, str(manifest_path(target)))
+        manifest = Manifest.loads(text, f"{target} (embedded manifest)")
+        belongs = isinstance(copy_doc, dict) and copy_doc.get("artifact_id") == manifest.artifact_id
+        if belongs:
+            field = _disagreement(json.loads(text), copy_doc, target.name)
+            if field is not None:
+                raise ArtifactError(
+                    f"{manifest_path(target)}: expected the same {field!r} as the manifest inside "
+                    f"{target.name}, got a different one: the copy was edited; restore it or delete it"
+                )
+            copy = Manifest.from_json(copy_doc, str(manifest_path(target)), file_name=target.name)
+            manifest = dataclasses.replace(manifest, file=copy.file)
         else:
-            state = "missing" if copy is None else "for another file"
+            state = "missing" if copy_doc is None else "for another file"
             log.warning(
-                "%s: its manifest copy %s is %s; using the manifest inside the file (its sha256 "
-                "is not checked)",
+                "%s: its manifest copy %s is %s; the file's own sha256 is not checked",
                 target,
                 copy_name,
                 state,
             )
-    if doc["kind"] not in accepted:
+    if manifest.kind not in accepted:
         wanted = " or ".join(repr(k) for k in accepted)
-        raise ArtifactError(f"{target}: expected a {wanted} artifact, got a {doc['kind']!r} artifact")
-    return doc
+        raise ArtifactError(f"{target}: expected a {wanted} artifact, got a {manifest.kind!r} artifact")
+    return manifest
 
 
-def check_sha256(target: Path, manifest: dict[str, Any], digest: str) -> None:
-    """Raise :class:`~..errors.ArtifactError` unless ``digest`` is the manifest's sha256."""
-    if digest != manifest.get("sha256"):
+def check_file(path: Path, record: FileRecord, digest: str | None = None) -> None:
+    """Raise :class:`~..errors.ArtifactError` unless the file at ``path`` exists with the
+    size and sha256 of ``record`` (``digest``: its sha256 if already computed)."""
+    if not path.is_file():
+        raise ArtifactError(f"{path}: expected the file its manifest lists ({record.name}), found none")
+    size = path.stat().st_size
+    if record.size_bytes is not None and size != record.size_bytes:
         raise ArtifactError(
-            f"{target}: sha256 mismatch: the manifest expects {manifest.get('sha256')}, "
-            f"the file has {digest}; the file was changed or belongs to another manifest"
+            f"{path}: size mismatch: the manifest expects {record.size_bytes} bytes, the file has "
+            f"{size}; the file was changed or belongs to another artifact"
+        )
+    digest = digest or sha256_file(path)
+    if digest != record.sha256:
+        raise ArtifactError(
+            f"{path}: sha256 mismatch: the manifest expects {record.sha256}, the file has {digest}; "
+            "the file was changed or belongs to another artifact"
         )

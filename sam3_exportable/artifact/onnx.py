@@ -12,13 +12,15 @@ Inputs ``images`` ``[batch, 3, S, S]`` float32 and ``token_ids`` ``[num_prompts,
 keep those symbolic first dims; the outputs' first dim is ``batch*num_prompts``. Unmasked
 attention runs as onnxruntime's ``com.microsoft.MultiHeadAttention``
 (:mod:`.onnx_attention`), so the graph needs onnxruntime (its contrib ops) rather than any
-ONNX runtime. Export needs ``onnx``, ``onnxscript`` and torch; running needs only
-``onnxruntime`` and numpy (``pip install 'sam3-exportable[onnx]'``).
+ONNX runtime. Export needs ``onnx``, ``onnxscript`` and torch (``pip install
+'sam3-exportable[export]'``); running needs only the runtime install
+(:mod:`.onnx_runtime`: onnxruntime and numpy).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import tempfile
@@ -26,25 +28,23 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch.export import ExportedProgram
 
-from ..contract import INPUT_NAMES, OUTPUT_NAMES, synthetic_inputs
-from ..errors import ArtifactError, DynamicShapeAuditError
-from .base import Artifact
-from .files import Staging, check_output_file, sha256_file
+from ..contract import INPUT_NAMES, OUTPUT_NAMES
+from ..errors import ArtifactError, DynamicShapeAuditError, MissingExtraError
+from .files import Staging, check_output_file
 from .manifest import (
     ONNX_METADATA_KEY,
-    check_sha256,
-    derive_manifest,
-    describe_program,
-    embedded_text,
-    finish,
+    FileRecord,
+    Manifest,
+    OnnxInfo,
+    publish,
     read_manifest,
-    stage_copy,
     versions_record,
 )
+from .onnx_runtime import SESSION_OPTIONS, OnnxArtifact, load_onnx
+from .program import describe_program, synthetic_inputs
 
 __all__ = [
     "METADATA_KEY",
@@ -63,16 +63,6 @@ METADATA_KEY = ONNX_METADATA_KEY
 #: ONNX opset of the export (17 lacks Split's ``num_outputs``; 23's Attention op is refused
 #: by onnxruntime 1.32 on the geometry encoder's broadcast mask).
 OPSET = 18
-#: onnxruntime settings the artifact expects (recorded in its manifest). The defaults: with
-#: attention as MultiHeadAttention, arena, memory pattern and prepacking change peak memory by
-#: less than 0.3 GiB at full size, and full graph optimization is the fastest.
-SESSION_OPTIONS: dict[str, Any] = {
-    "providers": ["CPUExecutionProvider"],
-    "graph_optimization_level": "ORT_ENABLE_ALL",
-    "enable_cpu_mem_arena": True,
-    "enable_mem_pattern": True,
-    "intra_op_num_threads": "torch.get_num_threads() of the loading process",
-}
 #: onnxruntime.quantization settings of ``--quantize int8``.
 INT8 = {
     "method": "onnxruntime.quantization.quantize_dynamic",
@@ -81,7 +71,7 @@ INT8 = {
     "per_channel": True,
     "extra_options": {"MatMulConstBOnly": True},
 }
-_EXTRA = "sam3-exportable[onnx]"
+_EXTRA = "sam3-exportable[export]"
 
 
 def _require(module: str) -> Any:
@@ -90,7 +80,9 @@ def _require(module: str) -> Any:
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        raise ImportError(f"{module} is needed for ONNX artifacts: pip install '{_EXTRA}' ({exc})") from exc
+        raise MissingExtraError(
+            f"ONNX export: expected {module} to be installed, it is not; pip install '{_EXTRA}'"
+        ) from exc
 
 
 @contextlib.contextmanager
@@ -117,40 +109,43 @@ def _data_name(target: Path, artifact_id: str) -> str:
 
 
 def _replaced_data_files(target: Path) -> list[Path]:
-    """The data files of the artifact now at ``target`` (deleted once it is replaced)."""
+    """The data files the artifact now at ``target`` owns by its embedded manifest (deleted
+    once it is replaced); none for a file that is not a readable ONNX artifact."""
     if not target.is_file():
         return []
     try:
         doc = read_manifest(target, kinds=("onnx",))
     except ArtifactError:
         return []
-    names = [f["name"] for f in doc.get("data_files", [])] or _locations(target)
-    return [target.with_name(name) for name in names]
+    return [target.with_name(f.name) for f in doc.data_files if f.name.startswith(f"{target.name}.")]
 
 
-def _locations(path: Path) -> list[str]:
+def _publish(target: Path, manifest: Manifest, model: Any, force: bool) -> Manifest:
+    """Save an ``onnx_ir`` model with its weights in one new data file, the manifest (with
+    the data file's hash) embedded, as one commit once it passes :func:`audit_onnx`; delete
+    the data file of the artifact it replaces."""
     onnx = _require("onnx")
-    model = onnx.load(os.fspath(path), load_external_data=False)
-    return sorted({e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"})
-
-
-def _publish(target: Path, doc: dict[str, Any], model: Any, force: bool) -> dict[str, Any]:
-    """Save an ``onnx_ir`` model with ``doc`` embedded, its weights in one new data file, as
-    one commit once it passes :func:`audit_onnx`; delete the data file of the artifact it
-    replaces."""
     onnx_ir = _require("onnx_ir")
     replaced = _replaced_data_files(target)
-    data_name = _data_name(target, doc["artifact_id"])
-    with Staging(force=force) as staging:
-        graph = staging.file(target, suffix=".tmp.onnx")
+    data_name = _data_name(target, manifest.artifact_id)
+
+    def write(graph: Path, doc: Manifest, staging: Staging) -> Manifest:
         data = staging.new_file(graph.with_name(data_name))
-        model.metadata_props[METADATA_KEY] = embedded_text(doc)
         # one data file, 64 KiB-aligned tensors (onnxruntime can map them), no >2 GB proto
         onnx_ir.save(model, os.fspath(graph), external_data=data_name, alignment=65536)
-        audit_onnx(graph, empty_values=not doc["onnx_optimized"])  # nothing is published unless it passes
-        full = finish(doc, target, graph, data_files=[(data_name, data)])
-        stage_copy(staging, target, full)
-        staging.commit()
+        embedded = dataclasses.replace(doc, data_files=(FileRecord.of(data_name, data),))
+        proto = onnx.load(os.fspath(graph), load_external_data=False)
+        kept = [(p.key, p.value) for p in proto.metadata_props if p.key != METADATA_KEY]  # a source's
+        del proto.metadata_props[:]
+        for key, value in [*kept, (METADATA_KEY, embedded.dumps())]:
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, value
+        onnx.save_model(proto, os.fspath(graph))
+        assert doc.onnx is not None
+        audit_onnx(graph, empty_values=not doc.onnx.optimized)  # nothing is published unless it passes
+        return embedded
+
+    full = publish(target, manifest, write, force=force)
     for old in replaced:
         if old.name != data_name:
             with contextlib.suppress(FileNotFoundError):
@@ -165,7 +160,7 @@ def export_onnx(
     force: bool = False,
     optimize: bool = True,
     opset: int = OPSET,
-) -> dict[str, Any]:
+) -> Manifest:
     """Export ``ep`` (traced with the ONNX patch set: ``export_full_pipeline(target="onnx")``)
     to one ONNX graph at ``path`` and write its manifest, once the graph passes
     :func:`audit_onnx`; return the manifest.
@@ -183,17 +178,17 @@ def export_onnx(
     doc = describe_program(
         ep,
         "onnx",
-        extra={
-            "opset": opset,
-            "onnx_optimized": optimize,
-            "onnxruntime": SESSION_OPTIONS,
-            "contrib_ops": ["com.microsoft.MultiHeadAttention (unmasked attention)"],
-        },
+        versions=versions_record("onnx", "onnxscript", "onnxruntime"),
+        onnx=OnnxInfo(
+            opset=opset,
+            optimized=optimize,
+            session=SESSION_OPTIONS,
+            contrib_ops=("com.microsoft.MultiHeadAttention (unmasked attention)",),
+        ),
     )
-    doc["versions"] = versions_record("onnx", "onnxscript", "onnxruntime")
-    hints = doc["size_hints"]
+    hints = doc.size_hints
     args = synthetic_inputs(
-        doc["image_size"], doc["context_length"], hints.get("batch", 3), hints.get("num_prompts", 3)
+        doc.image_size, doc.context_length, hints.get("batch", 3), hints.get("num_prompts", 3)
     )
     # constant folding warns once per Split it leaves alone
     with _quiet("onnxscript"), _shape_env_restored(ep):
@@ -235,7 +230,7 @@ def _shape_env_restored(ep: ExportedProgram) -> Iterator[None]:
 
 def quantize_onnx(
     source: str | os.PathLike[str], path: str | os.PathLike[str], *, force: bool = False
-) -> dict[str, Any]:
+) -> Manifest:
     """Dynamic int8 quantization of the MatMul/Gemm weights of the ONNX artifact ``source``
     (onnxruntime.quantization, settings :data:`INT8`) into a new artifact at ``path``; return
     its manifest. The graph must be the optimized one (:func:`export_onnx` with
@@ -246,7 +241,7 @@ def quantize_onnx(
     source = Path(source)
     target = check_output_file(path, force=force, what="int8 ONNX path")
     source_doc = read_manifest(source, kinds=("onnx",))
-    if not source_doc.get("onnx_optimized", False):
+    if source_doc.onnx is None or not source_doc.onnx.optimized:
         raise ArtifactError(
             f"{source}: expected an optimized ONNX graph to quantize (export with optimize=True)"
         )
@@ -263,8 +258,12 @@ def quantize_onnx(
                 extra_options=INT8["extra_options"],
             )
         model = onnx_ir.load(os.fspath(quantized))
-        doc = derive_manifest(source_doc, extra={"quantization": INT8, "onnx_optimized": True})
-        doc["versions"] = versions_record("onnx", "onnxscript", "onnxruntime")
+        assert source_doc.onnx is not None
+        doc = source_doc.derive(
+            "onnx",
+            versions=versions_record("onnx", "onnxscript", "onnxruntime"),
+            onnx=dataclasses.replace(source_doc.onnx, quantization=INT8, optimized=True),
+        )
         return _publish(target, doc, model, force)
 
 
@@ -321,76 +320,3 @@ def audit_onnx(path: str | os.PathLike[str], *, empty_values: bool = False) -> d
         "zero_size_values": len(zero),
         "opsets": {o.domain or "ai.onnx": o.version for o in model.opset_import},
     }
-
-
-def _session_options(ort: Any, threads: int | None) -> Any:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = getattr(
-        ort.GraphOptimizationLevel, SESSION_OPTIONS["graph_optimization_level"]
-    )
-    options.enable_cpu_mem_arena = SESSION_OPTIONS["enable_cpu_mem_arena"]
-    options.enable_mem_pattern = SESSION_OPTIONS["enable_mem_pattern"]
-    options.intra_op_num_threads = threads or torch.get_num_threads()
-    options.log_severity_level = 3
-    return options
-
-
-class OnnxArtifact(Artifact):
-    """A loaded ONNX graph: an onnxruntime session and the manifest (what :func:`load_onnx`
-    returns). Calling it converts the tensors to numpy and back."""
-
-    kind = "onnx"
-
-    def __init__(self, session: Any, manifest: dict[str, Any], path: Path) -> None:
-        super().__init__(manifest, path)
-        self.session = session
-
-    def _run(self, images: torch.Tensor, token_ids: torch.Tensor) -> Any:
-        feeds = {
-            "images": np.ascontiguousarray(images.detach().cpu().numpy()),
-            "token_ids": np.ascontiguousarray(token_ids.detach().cpu().numpy()),
-        }
-        return tuple(torch.from_numpy(o) for o in self.session.run(list(OUTPUT_NAMES), feeds))
-
-
-def load_onnx(
-    path: str | os.PathLike[str],
-    *,
-    verify_hash: bool = True,
-    providers: list[str] | None = None,
-    threads: int | None = None,
-) -> OnnxArtifact:
-    """Load an ONNX artifact written by :func:`export_onnx` or :func:`quantize_onnx` into an
-    onnxruntime session with :data:`SESSION_OPTIONS` (``providers`` overrides the CPU
-    provider; ``threads`` defaults to ``torch.get_num_threads()``).
-
-    Checks the manifest (kind ``"onnx"``) and, unless ``verify_hash`` is False, the sha256
-    of the graph and of its data file. Raises :class:`~..errors.ArtifactError` when a file is
-    missing, foreign or changed; ``ImportError`` naming the extra without onnxruntime.
-    """
-    ort = _require("onnxruntime")
-    target = Path(path)
-    manifest = read_manifest(target, kinds=("onnx",))
-    for data in manifest.get("data_files", []):
-        data_path = target.with_name(data["name"])
-        if not data_path.is_file():
-            raise ArtifactError(f"{target}: expected its weights file {data_path.name} beside it, found none")
-        if verify_hash and data_path.stat().st_size != data["size_bytes"]:
-            raise ArtifactError(
-                f"{data_path}: expected {data['size_bytes']} bytes (the manifest's), "
-                f"got {data_path.stat().st_size}"
-            )
-    if verify_hash and "sha256" in manifest:
-        check_sha256(target, manifest, sha256_file(target))
-        for data in manifest.get("data_files", []):
-            check_sha256(target.with_name(data["name"]), data, sha256_file(target.with_name(data["name"])))
-    try:
-        session = ort.InferenceSession(
-            os.fspath(target),
-            _session_options(ort, threads),
-            providers=providers or SESSION_OPTIONS["providers"],
-        )
-    except Exception as exc:  # onnxruntime raises its own exception types for bad models
-        first = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
-        raise ArtifactError(f"{target}: expected an onnxruntime-loadable graph, got: {first}") from exc
-    return OnnxArtifact(session, manifest, target)

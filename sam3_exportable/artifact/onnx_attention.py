@@ -2,8 +2,8 @@
 onnxruntime's ``com.microsoft.MultiHeadAttention``.
 
 torchlib's opset-18 lowering of SDPA is MatMul -> Softmax -> MatMul, which materialises the
-whole ``[B, heads, L, L]`` score matrix: 1.7 GB per image and global ViT block at 1008 px,
-several alive at once (a (2,3) forward peaked at 23 GiB). onnxruntime's CPU
+whole ``[B, heads, L, L]`` score matrix of every global ViT block, several alive at once
+(``docs/performance.md`` has the peak memory it cost). onnxruntime's CPU
 ``MultiHeadAttention`` runs MLAS flash attention (tiles sized for the cache) when it has no
 mask, bias or past state, and never builds the matrix. Calls with a mask, causal, dropout or
 grouped-query attention keep torchlib's lowering. Used only as a ``custom_translation_table``

@@ -6,9 +6,12 @@ imports ``sam3``.
 
 from __future__ import annotations
 
+import io
+import json
 import logging
 import os
 import pickle
+import re
 import subprocess
 import sys
 import zipfile
@@ -20,10 +23,18 @@ from torch.export import ExportedProgram
 
 from ..errors import ArtifactError
 from .base import Artifact
-from .files import check_output_file, sha256_file
-from .manifest import EMBEDDED_NAME, check_sha256, describe_program, publish, read_manifest
+from .files import Staging, check_output_file, sha256_file
+from .manifest import EMBEDDED_NAME, Manifest, check_file, publish, read_manifest
+from .program import Provenance, describe_program
 
-__all__ = ["LoadedPipeline", "Pt2Artifact", "load_pipeline", "save_pipeline"]
+__all__ = [
+    "LoadedPipeline",
+    "Pt2Artifact",
+    "check_no_pickles",
+    "load_pipeline",
+    "load_pipeline_checked",
+    "save_pipeline",
+]
 
 _log = logging.getLogger(__name__)
 
@@ -32,24 +43,26 @@ def save_pipeline(
     ep: ExportedProgram,
     path: str | os.PathLike[str],
     *,
-    metadata: dict[str, Any] | None = None,
+    provenance: Provenance | None = None,
     force: bool = False,
-) -> dict[str, Any]:
+) -> Manifest:
     """Write ``ep`` to ``path`` (``torch.export.save``, manifest inside) and the manifest copy
     ``<path>.json`` beside it, as one commit; return the manifest.
 
     The manifest is the complete one (:mod:`.manifest`) whoever calls this: the model, patch
-    set and audit come from the export that made ``ep`` (:func:`..export.export_full_pipeline`
-    records them), so the CLI and a Python caller write the same fields. ``metadata`` is
-    merged last. An existing file is kept unless ``force=True``
+    set and audit come from the provenance :func:`..export.export_full_pipeline` attached to
+    the program it returned (or ``provenance``, for a program transformed since), so the CLI
+    and a Python caller write the same fields. Raises :class:`~..errors.ArtifactError` for a
+    program without provenance. An existing file is kept unless ``force=True``
     (:class:`~..errors.OutputExistsError`, a ``FileExistsError``); an interrupt or a full disk
     leaves the previous artifact in place.
     """
     target = check_output_file(path, force=force, what="save_pipeline path")
-    doc = describe_program(ep, "pt2", extra=metadata)
+    doc = describe_program(ep, "pt2", provenance=provenance)
 
-    def write(tmp: Path, embedded: str) -> None:
-        torch.export.save(ep, tmp, extra_files={EMBEDDED_NAME: embedded})
+    def write(tmp: Path, manifest: Manifest, staging: Staging) -> Manifest:
+        torch.export.save(ep, tmp, extra_files={EMBEDDED_NAME: manifest.dumps()})
+        return manifest
 
     return publish(target, doc, write, force=force)
 
@@ -107,6 +120,56 @@ class _BackgroundSha256:
         return digest
 
 
+#: Payload names torch's ``.pt2`` loader reads as raw tensor bytes; anything else
+#: (``custom_obj_*``, ``opaque_obj_*``, entries marked ``use_pickle``) it unpickles.
+_TENSOR_PAYLOADS = ("weight_", "tensor_")
+_PAYLOAD_CONFIG = re.compile(r"(?:^|/)data/(?:weights|constants)/[^/]+_config\.json$")
+_SAMPLE_INPUTS = re.compile(r"(?:^|/)data/sample_inputs/[^/]+\.pt$")
+_MODEL = re.compile(r"(?:^|/)models/([^/]+)\.json$")
+
+
+def check_no_pickles(target: Path) -> None:
+    """Raise :class:`~..errors.ArtifactError` unless loading the ``.pt2`` at ``target``
+    unpickles nothing: every weight and constant is stored as raw tensor bytes (no entry
+    marked ``use_pickle``, no custom or opaque object, no legacy pickled payload), and the
+    sample inputs load with ``torch.load(weights_only=True)``. torch's loader would
+    otherwise run ``torch.load(weights_only=False)`` or ``pickle.loads`` on those entries,
+    executing whatever the file holds; programs this package exports have none of them.
+    """
+    try:
+        with zipfile.ZipFile(target) as archive:
+            names = archive.namelist()
+            models = [m.group(1) for n in names if (m := _MODEL.search(n))]
+            configs = [n for n in names if _PAYLOAD_CONFIG.search(n)]
+            for model in models:
+                for part in ("weights", "constants"):
+                    if not any(n.endswith(f"data/{part}/{model}_{part}_config.json") for n in configs):
+                        raise ArtifactError(
+                            f"{target}: expected {part} stored as tensors with a {part} config, got a "
+                            "legacy archive whose payload torch unpickles; refusing to load it"
+                        )
+            for name in configs:
+                doc = json.loads(archive.read(name))
+                for fqn, meta in (doc.get("config") or {}).items():
+                    path_name = str(meta.get("path_name", ""))
+                    if meta.get("use_pickle") or not path_name.startswith(_TENSOR_PAYLOADS):
+                        raise ArtifactError(
+                            f"{target}: expected every weight and constant stored as tensor bytes, got "
+                            f"{fqn!r} as a pickled object ({path_name}); loading would run code from "
+                            "the file, so it is refused"
+                        )
+            for name in (n for n in names if _SAMPLE_INPUTS.search(n)):
+                try:
+                    torch.load(io.BytesIO(archive.read(name)), weights_only=True)
+                except Exception as exc:  # the restricted unpickler refuses anything but tensors
+                    raise ArtifactError(
+                        f"{target}: expected sample inputs of plain tensors, got {name.split('/')[-1]} "
+                        f"that only a full unpickler reads ({type(exc).__name__}); refusing to load it"
+                    ) from None
+    except (zipfile.BadZipFile, OSError, KeyError, ValueError, AttributeError) as exc:
+        raise ArtifactError(f"{target}: expected a readable .pt2 archive, could not read it: {exc}") from None
+
+
 def _load_program(target: Path, fast: bool) -> ExportedProgram:
     if fast:
         from .fast_load import FastLoadUnavailable, load_program
@@ -141,8 +204,9 @@ class Pt2Artifact(Artifact):
     """
 
     kind = "pt2"
+    array_library = "torch"
 
-    def __init__(self, program: ExportedProgram, manifest: dict[str, Any], path: Path | None) -> None:
+    def __init__(self, program: ExportedProgram, manifest: Manifest, path: Path | None) -> None:
         super().__init__(manifest, path)
         self.program = program
         self._module: Any = None
@@ -150,7 +214,7 @@ class Pt2Artifact(Artifact):
     @classmethod
     def from_program(cls, program: ExportedProgram) -> Pt2Artifact:
         """An artifact of an in-memory program (manifest described from it, no file)."""
-        return cls(program, describe_program(program, "pt2"), None)
+        return cls(program, describe_program(program, "pt2", require_provenance=False), None)
 
     def module(self) -> torch.nn.Module:
         """The program's callable module (no input checks), as ``ExportedProgram.module()``."""
@@ -158,8 +222,12 @@ class Pt2Artifact(Artifact):
             self._module = self.program.module()
         return self._module
 
-    def _run(self, images: torch.Tensor, token_ids: torch.Tensor) -> Any:
-        return self.module()(images, token_ids)
+    def set_threads(self, threads: int) -> None:
+        """``torch.set_num_threads(threads)`` (process-wide)."""
+        torch.set_num_threads(int(threads))
+
+    def _run(self, images: Any, token_ids: Any) -> Any:
+        return self.module()(torch.as_tensor(images), torch.as_tensor(token_ids))
 
 
 #: The name of :class:`Pt2Artifact` in sam3-exportable 0.1.
@@ -173,20 +241,37 @@ def load_pipeline(
     hash_first: bool = False,
     fast: bool = True,
 ) -> Pt2Artifact:
-    """Load a ``.pt2`` written by :func:`save_pipeline`, checking its manifest and sha256.
+    """Read the manifest of the ``.pt2`` at ``path`` and load it (:func:`load_pipeline_checked`)."""
+    target = Path(path)
+    manifest = read_manifest(target, kinds=("pt2",))
+    return load_pipeline_checked(target, manifest, verify_hash=verify_hash, hash_first=hash_first, fast=fast)
 
-    Raises :class:`~..errors.ArtifactError` when the file is missing or foreign, torch cannot
-    load it, or its sha256 differs from the manifest copy's; no program is returned unless
-    the whole file's sha256 matched (with ``verify_hash=True``, the default, and a manifest
-    copy that belongs to the file; without one, the manifest inside the file is used and the
-    hash cannot be checked: a warning says so).
+
+def load_pipeline_checked(
+    target: Path,
+    manifest: Manifest,
+    *,
+    verify_hash: bool = True,
+    hash_first: bool = False,
+    fast: bool = True,
+    threads: int | None = None,
+) -> Pt2Artifact:
+    """Load a ``.pt2`` written by :func:`save_pipeline` whose manifest was read already,
+    checking its sha256.
+
+    Raises :class:`~..errors.ArtifactError` when the file is foreign, torch cannot load it,
+    or its sha256 differs from the manifest copy's; no program is returned unless the whole
+    file's sha256 matched (with ``verify_hash=True``, the default, and a manifest copy that
+    belongs to the file; without one the hash cannot be checked: :func:`.manifest.read_manifest`
+    warns). ``threads`` sets ``torch.set_num_threads`` (process-wide) when given.
 
     Hash timing: by default the sha256 is computed by a child Python process *while* the file
     is deserialized and checked before returning, so it costs little wall time on a machine
     with a spare core; a corrupted file is then parsed before it is rejected (a parse error
     surfaces as the sha256 mismatch). ``hash_first=True`` checks the hash before reading
-    anything else. Neither makes it safe to load files from an untrusted source:
-    ``torch.export.load`` unpickles and evaluates parts of the file.
+    anything else. Before torch reads the program, :func:`check_no_pickles` refuses a file
+    whose loading would unpickle anything (torch's loader runs ``torch.load(weights_only=
+    False)`` on entries marked ``use_pickle``): loading runs no code from the file.
 
     ``fast=True`` (default) loads with :func:`.fast_load.load_program`: ``torch.export.load``
     with memoized parsing and the weights memory-mapped from the file (copy-on-write: writing
@@ -195,14 +280,22 @@ def load_pipeline(
     differ, it logs a warning and uses ``torch.export.load``. ``fast=False`` always uses
     ``torch.export.load`` (weights copied into private memory).
     """
-    target = Path(path)
-    manifest = read_manifest(target, kinds=("pt2",))
-    check = verify_hash and "sha256" in manifest
+    if manifest.kind != "pt2":
+        raise ArtifactError(f"{target}: expected a 'pt2' artifact, got a {manifest.kind!r} artifact")
+    if threads:
+        torch.set_num_threads(int(threads))
+    record = manifest.file if verify_hash else None
     hasher: _BackgroundSha256 | None = None
-    if check and hash_first:
-        check_sha256(target, manifest, sha256_file(target))
-    elif check:
+    if record is not None and hash_first:
+        check_file(target, record)
+    elif record is not None:
         hasher = _BackgroundSha256(target)
+    try:
+        check_no_pickles(target)
+    except BaseException:
+        if hasher is not None:
+            hasher.cancel()
+        raise
     import torchvision  # noqa: F401  registers torchvision::roi_align before load
 
     # torch warns once per unbacked symbol of the box-RPB size check ("Symbol u0 did not
@@ -216,8 +309,8 @@ def load_pipeline(
         with torch.inference_mode(False):
             program = _load_program(target, fast)
     except _FOREIGN_FILE_ERRORS as exc:
-        if hasher is not None:
-            check_sha256(target, manifest, hasher.result())  # a corrupt file explains the failure
+        if hasher is not None and record is not None:
+            check_file(target, record, hasher.result())  # a corrupt file explains the failure
         raise ArtifactError(
             f"{target}: expected a torch.export program, torch could not load it: "
             f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
@@ -228,6 +321,6 @@ def load_pipeline(
         raise
     finally:
         serde_log.setLevel(level)
-    if hasher is not None:
-        check_sha256(target, manifest, hasher.result())
+    if hasher is not None and record is not None:
+        check_file(target, record, hasher.result())
     return Pt2Artifact(program, manifest, target)

@@ -6,20 +6,20 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..allocator import current_malloc_policy
-from ..artifact.files import check_output_dir, sha256_file
-from ..artifact.manifest import check_sha256, read_manifest
+from ..artifact.base import Artifact, default_threads
+from ..artifact.files import check_output_dir
+from ..artifact.loader import load_checked
+from ..artifact.manifest import Manifest, check_file, read_manifest
 from ..errors import InputSpecError
 from ..predict.images import DEFAULT_MAX_PIXELS
-from ..predict.predictor import manifest_tokenizer, tokenize_phrases
-from ..tokenizer import validate_phrases
+from ..predict.predictor import DEFAULT_MAX_PAIRS, make_prompts, manifest_tokenizer
 from .coco import write_coco
 from .engines import import_ray, local_outcomes, ray_outcomes, ray_session
 from .inputs import expand_images
@@ -33,12 +33,6 @@ __all__ = ["DEFAULT_BATCH_SIZE", "DEFAULT_MAX_PAIRS", "BatchSummary", "Failure",
 #: Images per graph call. On CPU a batch of B images costs about B single calls (no saving)
 #: while memory grows with B; larger batches pay on accelerators.
 DEFAULT_BATCH_SIZE = 1
-
-#: Most image-phrase pairs per graph call. The full-size model peaks at about 4.6 GiB for one
-#: pair and 0.33 GiB more per extra pair, and the ``retain`` malloc policy adds what its
-#: fragmented heap keeps: one 1008x1008 image x 32 phrases in calls of 4 pairs peaked at
-#: 5.7 GiB; calls of 8 pairs reached 9.2 GiB over 3 images (the full tier bounds it at 8 GiB).
-DEFAULT_MAX_PAIRS = 4
 
 ENGINES = ("local", "ray")
 
@@ -126,22 +120,32 @@ def _check_options(
         raise InputSpecError("retry_failed (--retry-failed): expected with resume (--resume)")
 
 
-def _artifact_record(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(manifest, the job's artifact record) of the artifact at ``path``: read, not loaded."""
-    manifest = read_manifest(path)
+def _artifact_record(path: Path, manifest: Manifest | None) -> tuple[Manifest, dict[str, Any]]:
+    """(manifest, the job's artifact record) of the artifact at ``path``: its manifest read
+    unless given, not loaded."""
+    manifest = manifest or read_manifest(path)
     record = {
         "path": str(path.resolve()),
-        "kind": manifest["kind"],
-        "artifact_id": manifest.get("artifact_id"),
-        "sha256": manifest.get("sha256"),
+        "kind": manifest.kind,
+        "artifact_id": manifest.artifact_id,
+        "sha256": manifest.file.sha256 if manifest.file else None,
     }
     return manifest, record
 
 
-def _verify_hash(path: Path, manifest: dict[str, Any]) -> None:
-    """Raises :class:`~..errors.ArtifactError` unless the file has its manifest's sha256."""
-    if "sha256" in manifest:
-        check_sha256(path, manifest, sha256_file(path))
+def _verify_hashes(path: Path, manifest: Manifest) -> None:
+    """Raises :class:`~..errors.ArtifactError` unless the file and its data files have the
+    sizes and hashes of the manifest (what the Ray workers then skip)."""
+    if manifest.file is not None:
+        check_file(path, manifest.file)
+    for record in manifest.data_files:
+        check_file(path.with_name(record.name), record)
+
+
+def _torch_threads() -> int | None:
+    """torch's thread count when torch is loaded in this process (to restore it), else None."""
+    torch = sys.modules.get("torch")
+    return torch.get_num_threads() if torch is not None else None
 
 
 def segment_images(
@@ -149,6 +153,7 @@ def segment_images(
     phrases: Sequence[str],
     *,
     artifact: str | os.PathLike[str],
+    manifest: Manifest | None = None,
     out: str | os.PathLike[str],
     image_lists: Iterable[str | os.PathLike[str]] = (),
     engine: str = "local",
@@ -169,7 +174,9 @@ def segment_images(
     progress: bool = True,
 ) -> BatchSummary:
     """Segment every image ``paths`` and ``image_lists`` name (:func:`.inputs.expand_images`)
-    by ``phrases`` with the artifact at ``artifact``, writing into the directory ``out``
+    by ``phrases`` with the artifact at ``artifact`` (``manifest``: its manifest when the
+    caller read it already with :func:`~..artifact.manifest.read_manifest`), writing into the
+    directory ``out``
     (:mod:`.store`: per image its mask PNGs, overlay and ``results.jsonl`` line as soon as
     its batch is done; ``errors.jsonl``; ``coco.json`` at the end).
 
@@ -201,15 +208,15 @@ def segment_images(
         engine, batch_size, max_pairs, threshold, workers, threads, ray_address, resume, force, retry_failed
     )
     target = check_output_dir(out)
-    phrases = validate_phrases(phrases)
     images = expand_images(paths, image_lists, exclude=[target])
     artifact_path = Path(artifact)
-    manifest, artifact_record = _artifact_record(artifact_path)
+    manifest, artifact_record = _artifact_record(artifact_path, manifest)  # the one read of the manifest
+    prompts = make_prompts(manifest_tokenizer(manifest), phrases)  # validated and tokenized once
+    phrases = list(prompts.phrases)
     if engine == "ray":
-        tokenize_phrases(manifest_tokenizer(manifest), phrases)  # a bad phrase fails before Ray starts
         import_ray()
-    saved_threads = torch.get_num_threads()
-    threads = threads or (saved_threads if engine == "local" else 1)
+    saved_threads = _torch_threads()
+    threads = threads or (default_threads() if engine == "local" else 1)
     job = Job(
         artifact=artifact_record,
         phrases=tuple(phrases),
@@ -225,7 +232,7 @@ def segment_images(
     target, mode = check_output(target, job, resume=resume, force=force)
     segmenter_kwargs: dict[str, Any] = {
         "artifact": str(artifact_path),
-        "phrases": list(phrases),
+        "phrases": prompts,
         "threshold": float(threshold),
         "max_pairs": max_pairs,
         "masks": masks,
@@ -235,11 +242,12 @@ def segment_images(
     try:
         segmenter = None
         if engine == "local":
-            segmenter = SegmentBatch(**segmenter_kwargs, threads=threads, verify_hash=True)
+            loaded: Artifact = load_checked(artifact_path, manifest, threads=threads)
+            segmenter = SegmentBatch(**{**segmenter_kwargs, "artifact": loaded}, threads=threads)
         else:
-            _verify_hash(artifact_path, manifest)
+            _verify_hashes(artifact_path, manifest)
         store = OutputDir(target, job)
-        failed = set(store.errors()) if mode == "resume" and not retry_failed else set()
+        failed = store.failed_unchanged() if mode == "resume" and not retry_failed else set()
         done = (store.complete() if mode == "resume" else set()) | failed
         skipped = len(done)
         batches = [[job.images[i] for i in b] for b in job.batches() if any(i not in done for i in b)]
@@ -255,18 +263,21 @@ def segment_images(
                 ray_address,
                 ray_runtime_env,
             )
+            stack.enter_context(store)  # its lock is held from prepare() to the end
             store.prepare(mode)  # the first write, once Ray is up or the cluster reached
             if retry_failed:
                 store.forget_errors()
             report = stack.enter_context(
                 contextlib.closing(Progress(len(job.images), skipped, enabled=progress))
             )
-            stack.enter_context(store)
             written, first, peaks = _write(store, stream, done, report, strict=strict, start=start)
-        write_coco(store.coco_path, job.phrases, store.results)
+            store.close_files()
+            store.compact()
+            write_coco(store.coco_path, job.phrases, store.results)
         failures = [Failure(r["path"], r["error"]) for _, r in sorted(store.errors().items())]
     finally:
-        torch.set_num_threads(saved_threads)
+        if saved_threads is not None:
+            sys.modules["torch"].set_num_threads(saved_threads)
     return BatchSummary(
         out=target,
         images=len(job.images),

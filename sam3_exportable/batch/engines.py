@@ -26,7 +26,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from ..errors import WorkerError
+from ..errors import MissingExtraError, WorkerError
 from .segment import ImageOutcome, SegmentBatch, outcomes_from_columns
 
 __all__ = ["import_ray", "local_outcomes", "ray_outcomes", "ray_session"]
@@ -41,7 +41,8 @@ def local_outcomes(segmenter: SegmentBatch, batches: Sequence[Sequence[str]]) ->
 
 
 def import_ray() -> Any:
-    """The ``ray`` module with Ray Data. Raises ``ImportError`` naming the extra to install.
+    """The ``ray`` module with Ray Data. Raises :class:`~..errors.MissingExtraError` naming
+    the extra to install.
 
     Ray reads its settings when first imported: no usage statistics are sent, and a local
     instance authenticates its clients by token (unless the environment says otherwise).
@@ -52,8 +53,8 @@ def import_ray() -> Any:
         import ray
         import ray.data
     except ImportError as exc:
-        raise ImportError(
-            f"--engine ray: needs Ray Data, which is not installed ({exc}); {RAY_EXTRA}"
+        raise MissingExtraError(
+            f"--engine ray: expected Ray Data to be installed, it is not ({exc}); {RAY_EXTRA}"
         ) from None
     return ray
 

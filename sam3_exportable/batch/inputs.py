@@ -29,21 +29,35 @@ def _under(path: Path, excluded: Sequence[Path]) -> bool:
 
 def _walk(directory: Path, excluded: Sequence[Path]) -> Iterator[Path]:
     """Image files under ``directory``, recursively; hidden files and directories (name
-    starting with ``.``) and anything under ``excluded`` are left out."""
+    starting with ``.``) and anything under ``excluded`` are left out. Symbolic links are
+    followed, as a glob pattern follows them, each real directory walked once (no loop)."""
     if _under(directory.resolve(), excluded):
         return
-    for root, dirs, files in os.walk(directory, followlinks=False):
+    seen = {directory.resolve()}
+    for root, dirs, files in os.walk(directory, followlinks=True):
         base = Path(root)
-        dirs[:] = [d for d in dirs if not d.startswith(".") and not _under((base / d).resolve(), excluded)]
+        kept = []
+        for d in dirs:
+            real = (base / d).resolve()
+            if d.startswith(".") or _under(real, excluded) or real in seen:
+                continue
+            seen.add(real)
+            kept.append(d)
+        dirs[:] = kept
         for name in files:
             if not name.startswith(".") and _is_image_name(Path(name)):
                 yield base / name
 
 
 def _expand_one(argument: str, excluded: Sequence[Path], what: str) -> list[Path]:
-    """The images one ``--image`` value names. Raises :class:`InputSpecError` when it names
-    nothing: a missing path, a pattern that matches no image, a directory without images."""
-    if any(c in argument for c in _GLOB_CHARS):
+    """The images one ``--image`` value names: an existing path is taken literally (a file
+    named ``photo[1].png`` is that file), anything else with ``*?[`` is a pattern. Raises
+    :class:`InputSpecError` when it names nothing: an empty value, a missing path, a pattern
+    that matches no image, a directory without images."""
+    if not argument.strip():
+        raise InputSpecError(f"{what}: expected an image file, a directory or a pattern, got {argument!r}")
+    literal = Path(os.path.expanduser(argument))
+    if not literal.exists() and any(c in argument for c in _GLOB_CHARS):
         found: list[Path] = []
         for match in sorted(glob.glob(os.path.expanduser(argument), recursive=True)):
             path = Path(match)

@@ -18,7 +18,7 @@ from typing import Any
 
 from ..errors import OutputPathError
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "Job", "read_job"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "Job", "is_job_record", "read_job"]
 
 FORMAT = "sam3-exportable/batch-job"
 FORMAT_VERSION = 1
@@ -126,6 +126,15 @@ class Job:
             raise OutputPathError(
                 f"{where}: expected a complete job record, got an error reading it: {exc}"
             ) from None
+
+
+def is_job_record(path: Path) -> bool:
+    """Whether ``path`` is a ``run.json`` this tool wrote (its format marker), of any version."""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(doc, dict) and doc.get("format") == FORMAT
 
 
 def read_job(path: Path) -> Job:

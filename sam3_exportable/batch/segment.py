@@ -21,7 +21,7 @@ import numpy as np
 from ..allocator import apply_malloc_policy, peak_rss_bytes
 from ..predict.images import DEFAULT_MAX_PIXELS
 from ..predict.outputs import EncodedImage, encode_image
-from ..predict.predictor import Predictor
+from ..predict.predictor import DEFAULT_MAX_PAIRS, Predictor, Prompts
 
 __all__ = ["OUTPUT_COLUMNS", "ImageOutcome", "SegmentBatch", "outcomes_from_columns"]
 
@@ -84,10 +84,12 @@ class SegmentBatch:
     Args:
         artifact: path of an artifact written by ``sam3-exportable export`` (loaded with
             :func:`~..artifact.loader.load_artifact`), or a loaded artifact / program.
-        phrases: the text prompts, the same for every image.
+        phrases: the text prompts, the same for every image, or their
+            :class:`~..predict.predictor.Prompts` (tokenized once by the job's driver).
         threshold: score above which a query is kept (upstream's rule).
-        threads: torch threads of this process (``torch.set_num_threads``); None leaves
-            torch's setting. Results are bitwise reproducible only at the same thread count.
+        threads: intra-op threads of the artifact (:meth:`~..artifact.base.Artifact.set_threads`;
+            for torch kinds process-wide); None keeps the artifact's. Results are bitwise
+            reproducible only at the same thread count.
         max_pairs: most image-phrase pairs per graph call; a batch of ``B`` images runs its
             phrases in chunks of ``max_pairs // B`` (:meth:`..predict.Predictor.kept_pairs`).
         masks, overlay: encode the instance-label PNGs, the overlay PNG.
@@ -104,33 +106,32 @@ class SegmentBatch:
     def __init__(
         self,
         artifact: Any,
-        phrases: Sequence[str],
+        phrases: Sequence[str] | Prompts,
         threshold: float = 0.5,
         *,
         threads: int | None = 1,
-        max_pairs: int = 8,
+        max_pairs: int = DEFAULT_MAX_PAIRS,
         masks: bool = True,
         overlay: bool = True,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         verify_hash: bool = True,
         malloc: str | None = None,
     ) -> None:
-        import torch
-
-        from ..artifact.loader import load_artifact
+        from ..artifact.loader import as_artifact, load_artifact
         from ..errors import InputSpecError
 
         if malloc is not None:
             apply_malloc_policy(malloc)
-        if threads:
-            torch.set_num_threads(int(threads))
         if max_pairs < 1:
             raise InputSpecError(f"max_pairs: expected a positive integer, got {max_pairs}")
         if isinstance(artifact, (str, os.PathLike)):
-            artifact = load_artifact(artifact, verify_hash=verify_hash)
+            artifact = load_artifact(artifact, verify_hash=verify_hash, threads=threads)
+        elif threads:
+            artifact = as_artifact(artifact)
+            artifact.set_threads(int(threads))
         self.predictor = Predictor(artifact, max_pixels=max_pixels)
-        self.phrases = list(phrases)
-        self.predictor.tokenize(self.phrases)  # a bad phrase fails here, not per batch
+        self.prompts = self.predictor.prompts(phrases)  # validated and tokenized once per job
+        self.phrases = list(self.prompts.phrases)
         self.threshold = float(threshold)
         self.max_pairs = int(max_pairs)
         self.masks, self.overlay = bool(masks), bool(overlay)
@@ -158,7 +159,7 @@ class SegmentBatch:
             try:
                 kept = self.predictor.kept_pairs(
                     [img for _, img in images],
-                    self.phrases,
+                    self.prompts,
                     threshold=self.threshold,
                     max_pairs=self.max_pairs,
                 )

@@ -21,6 +21,7 @@ newline at the end) is cut off when the directory is opened again.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -31,7 +32,8 @@ from typing import IO, Any
 from ..artifact.files import Staging, atomic_write, check_output_dir, make_dir, signals_deferred
 from ..errors import OutputExistsError, OutputPathError
 from ..predict.outputs import slug
-from .job import Job, read_job
+from .job import FORMAT as JOB_FORMAT
+from .job import Job, is_job_record, read_job
 from .segment import ImageOutcome
 
 __all__ = [
@@ -56,6 +58,37 @@ OVERLAYS_DIR = "overlays"
 #: results before the job record, so an interrupted removal never pairs a new job with old
 #: results).
 _OURS = (RESULTS_FILE, ERRORS_FILE, COCO_FILE, MASKS_DIR, OVERLAYS_DIR, RUN_FILE)
+#: The lock a run holds on its output directory (``flock``: released by the kernel when the
+#: process dies, so a killed run's leftover file is no obstacle).
+LOCK_FILE = ".sam3-exportable.lock"
+
+
+def lock_holder(path: Path) -> int | None:
+    """The process id of a live run holding the lock of the output directory ``path``
+    (-1 when it cannot be read), or None when no run holds it."""
+    lock = path / LOCK_FILE
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            return int(text) if text.isdigit() else -1
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def _busy(target: Path, pid: int) -> OutputPathError:
+    who = f"pid {pid}" if pid > 0 else "another process"
+    return OutputPathError(
+        f"--out {target}: expected no other run writing to it, got a run in progress ({who}); "
+        "wait for it to finish or choose another --out"
+    )
 
 
 def check_output(path: str | os.PathLike[str], job: Job, *, resume: bool, force: bool) -> tuple[Path, str]:
@@ -69,13 +102,22 @@ def check_output(path: str | os.PathLike[str], job: Job, *, resume: bool, force:
     ``force``, and a ``resume`` of a job with other settings (named).
     """
     target = check_output_dir(path)
-    if not target.exists() or not any(target.iterdir()):
+    holder = lock_holder(target) if target.is_dir() else None
+    if holder is not None:
+        raise _busy(target, holder)
+    if not target.exists() or not any(p.name != LOCK_FILE for p in target.iterdir()):
         return target, "new"
     record = target / RUN_FILE
     if not record.is_file():
         raise OutputPathError(
             f"--out {target}: expected a new or empty directory, or a previous output of "
             f"sam3-exportable predict; it holds other files and no {RUN_FILE}, so it is left alone"
+            f"{' (even with --force)' if force else ''}; choose another --out"
+        )
+    if not is_job_record(record):
+        raise OutputPathError(
+            f"--out {target}: expected a previous output of sam3-exportable predict, got a {RUN_FILE} "
+            f"that is not ours (no format {JOB_FORMAT!r}), so the directory is left alone"
             f"{' (even with --force)' if force else ''}; choose another --out"
         )
     if resume:
@@ -100,11 +142,12 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-def _lines(path: Path) -> Iterator[tuple[int, int, dict[str, Any]]]:
+def _lines(path: Path, images: int) -> Iterator[tuple[int, int, dict[str, Any]]]:
     """``(offset, length, record)`` of every whole line of a JSON-lines file; a last line
     without its newline (torn by a crash while appending) is not read.
 
-    Raises :class:`~..errors.OutputPathError` for a line that is not a JSON object.
+    Raises :class:`~..errors.OutputPathError` naming the file and line for a line that is
+    not a JSON object with an image ``index`` in ``[0, images)``.
     """
     if not path.is_file():
         return
@@ -119,6 +162,12 @@ def _lines(path: Path) -> Iterator[tuple[int, int, dict[str, Any]]]:
                 record = None
             if not isinstance(record, dict):
                 raise OutputPathError(f"{path} line {number}: expected a JSON object, got {line[:60]!r}")
+            index = record.get("index")
+            if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < images:
+                raise OutputPathError(
+                    f"{path} line {number}: expected an image index in [0, {images}), got {index!r}; "
+                    "the file was edited: fix or delete the line, or start over with --force"
+                )
             yield offset, len(line), record
             offset += len(line)
 
@@ -157,6 +206,36 @@ class OutputDir:
         self._phrase_digits = max(2, len(str(len(job.phrases) - 1)))
         self._results: IO[bytes] | None = None
         self._errors: IO[bytes] | None = None
+        self._lock: int | None = None
+
+    def _take_lock(self) -> None:
+        """Hold the directory's lock for this run; raises :class:`~..errors.OutputPathError`
+        when another live run holds it."""
+        fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise _busy(self.path, lock_holder(self.path) or -1) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock = fd
+
+    def close_files(self) -> None:
+        """Close ``results.jsonl`` and ``errors.jsonl`` (the lock stays held)."""
+        for fh in (self._results, self._errors):
+            if fh is not None:
+                fh.close()
+        self._results = self._errors = None
+
+    def release(self) -> None:
+        """Close the files and give the directory's lock back (its file goes too)."""
+        self.close_files()
+        if self._lock is not None:
+            with contextlib.suppress(OSError):
+                (self.path / LOCK_FILE).unlink()
+            os.close(self._lock)  # closing the last descriptor releases the flock
+            self._lock = None
 
     def prepare(self, mode: str) -> None:
         """Make the directory ready for the job in the ``mode`` :func:`check_output` chose:
@@ -164,11 +243,12 @@ class OutputDir:
         ``replace`` write ``run.json``; on ``resume`` a line torn by a crash is cut off and
         temporary files a killed run left are removed. Nothing is written before this."""
         path, job = self.path, self.job
+        make_dir(path)
+        self._take_lock()  # before anything of a previous run is touched
         if mode == "replace":
             with signals_deferred():
                 for name in _OURS:
                     _remove(path / name)
-        make_dir(path)
         if mode != "resume":
             with atomic_write(path / RUN_FILE, force=True) as tmp:
                 tmp.write_text(json.dumps(job.to_json(), indent=1) + "\n")
@@ -212,7 +292,10 @@ class OutputDir:
     # -- state -------------------------------------------------------------------------
     def result_offsets(self) -> dict[int, tuple[int, int]]:
         """Image index -> ``(offset, length)`` of its last line in ``results.jsonl``."""
-        return {record["index"]: (offset, length) for offset, length, record in _lines(self.results_path)}
+        return {
+            record["index"]: (offset, length)
+            for offset, length, record in _lines(self.results_path, len(self.job.images))
+        }
 
     def results(self) -> Iterator[dict[str, Any]]:
         """The ``results.jsonl`` record of every segmented image, in job order."""
@@ -227,15 +310,38 @@ class OutputDir:
 
     def errors(self) -> dict[int, dict[str, Any]]:
         """Image index -> its ``errors.jsonl`` record, for every image that failed."""
-        return {record["index"]: record for _, _, record in _lines(self.errors_path)}
+        return {record["index"]: record for _, _, record in _lines(self.errors_path, len(self.job.images))}
 
     def complete(self) -> set[int]:
-        """Indices of the images whose ``results.jsonl`` line and files are all present."""
+        """Indices of the images whose ``results.jsonl`` line and files are all present and
+        whose input file is unchanged since (size and mtime as recorded)."""
         done = set()
-        for index in self.result_offsets():
-            if all(_nonempty(self.path / name) for name in self._files(index)):
+        for index, record in self._last_records(self.results_path).items():
+            if _unchanged(record) and all(_nonempty(self.path / name) for name in self._files(index)):
                 done.add(index)
         return done
+
+    def failed_unchanged(self) -> set[int]:
+        """Indices of the images that failed and whose input file is unchanged since."""
+        return {index for index, record in self.errors().items() if _unchanged(record)}
+
+    def _last_records(self, path: Path) -> dict[int, dict[str, Any]]:
+        return {record["index"]: record for _, _, record in _lines(path, len(self.job.images))}
+
+    def compact(self) -> None:
+        """One line per image: an image run again (its input changed, or it failed before)
+        keeps only its last ``results.jsonl`` line, and no ``errors.jsonl`` line once it has
+        results. Rewritten atomically, only when there is something to drop."""
+        results = self._last_records(self.results_path)
+        errors = {i: r for i, r in self._last_records(self.errors_path).items() if i not in results}
+        for path, keep in ((self.results_path, results), (self.errors_path, errors)):
+            if not path.is_file():
+                continue
+            lines = sum(1 for _ in _lines(path, len(self.job.images)))
+            if lines == len(keep):
+                continue
+            with signals_deferred(), atomic_write(path, force=True) as tmp:
+                tmp.write_bytes(b"".join((json.dumps(keep[i]) + "\n").encode() for i in sorted(keep)))
 
     def forget_errors(self) -> None:
         """Empty ``errors.jsonl`` (the failed images are then pending again)."""
@@ -248,10 +354,7 @@ class OutputDir:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        for fh in (self._results, self._errors):
-            if fh is not None:
-                fh.close()
-        self._results = self._errors = None
+        self.release()
 
     def _append(self, which: str, record: dict[str, Any]) -> None:
         fh = getattr(self, which)
@@ -282,6 +385,7 @@ class OutputDir:
         line = {
             "index": index,
             "path": self.job.images[index],
+            "source": source_stamp(self.job.images[index]),
             "width": encoded.width,
             "height": encoded.height,
             "overlay": overlay,
@@ -299,10 +403,32 @@ class OutputDir:
 
     def write_error(self, index: int, error: str) -> dict[str, Any]:
         """Append an image's failure to ``errors.jsonl``; return the line."""
-        line = {"index": index, "path": self.job.images[index], "error": error}
+        line = {
+            "index": index,
+            "path": self.job.images[index],
+            "source": source_stamp(self.job.images[index]),
+            "error": error,
+        }
         with signals_deferred():
             self._append("_errors", line)
         return line
+
+
+def source_stamp(path: str | os.PathLike[str]) -> dict[str, int] | None:
+    """What identifies an input file's contents cheaply: its size and modification time in
+    nanoseconds (None when it cannot be read). Recorded with each image's line, so a resumed
+    run re-runs an image that changed since."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _unchanged(record: dict[str, Any]) -> bool:
+    """Whether the input of a ``results.jsonl`` / ``errors.jsonl`` line is as it was then
+    (a line without a stamp, written by 0.2, counts as unchanged)."""
+    return "source" not in record or record["source"] == source_stamp(record.get("path", ""))
 
 
 def _nonempty(path: Path) -> bool:

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from ..allocator import peak_rss_bytes
+from ..artifact.manifest import Manifest
 from .throughput import job_throughput
 
 __all__ = ["JOBS", "main", "peak_rss_bytes", "rss_bytes"]
@@ -119,9 +120,10 @@ def job_export(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _artifact_bytes(manifest: dict[str, Any]) -> int:
+def _artifact_bytes(manifest: Manifest) -> int:
     """Bytes of an artifact: its file plus any data files beside it (ONNX weights)."""
-    return int(manifest["size_bytes"]) + sum(int(d["size_bytes"]) for d in manifest.get("data_files", []))
+    assert manifest.file is not None
+    return sum(int(f.size_bytes or 0) for f in (manifest.file, *manifest.data_files))
 
 
 def job_aoti_compile(spec: dict[str, Any]) -> dict[str, Any]:
@@ -137,11 +139,12 @@ def job_aoti_compile(spec: dict[str, Any]) -> dict[str, Any]:
         inductor_configs=spec.get("inductor_configs"),
         force=True,
     )
+    assert manifest.aoti is not None
     return {
         "load_s": load_s,
-        "compile_s": manifest["compile_seconds"],
-        "size_bytes": manifest["size_bytes"],
-        "inductor_configs": manifest["inductor_configs"],
+        "compile_s": manifest.aoti.compile_seconds,
+        "size_bytes": _artifact_bytes(manifest),
+        "inductor_configs": dict(manifest.aoti.inductor_configs),
         "peak_rss": peak_rss_bytes(),
     }
 
@@ -205,7 +208,7 @@ def job_latency(spec: dict[str, Any]) -> dict[str, Any]:
     """
     import torchvision  # noqa: F401
 
-    from ..contract import synthetic_inputs
+    from ..artifact.program import synthetic_inputs
 
     batch, prompts = (int(v) for v in spec["shape"])
     module, image_size, context_length, load_s = _runner(spec)
@@ -249,7 +252,7 @@ def job_profile(spec: dict[str, Any]) -> dict[str, Any]:
     from torch.profiler import ProfilerActivity, profile
 
     from ..artifact.loader import load_artifact
-    from ..contract import synthetic_inputs
+    from ..artifact.program import synthetic_inputs
 
     module = load_artifact(spec["path"])
     batch, prompts = (int(v) for v in spec["shape"])

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ..contract import OUTPUT_NAMES, check_inputs, synthetic_inputs
+from ..artifact.program import synthetic_inputs
+from ..contract import OUTPUT_NAMES, check_inputs
 
 __all__ = ["OUTPUT_NAMES", "FullSam3PipelineWrapper", "is_tracing", "synthetic_inputs"]
 

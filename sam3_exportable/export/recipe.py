@@ -17,7 +17,8 @@ from ..allocator import available_memory_bytes
 from ..artifact.aoti import aoti_path_for, compile_aoti
 from ..artifact.files import check_output_file, free_bytes
 from ..artifact.loader import load_artifact
-from ..artifact.manifest import manifest_path, provenance_of, record_provenance
+from ..artifact.manifest import Manifest, manifest_path
+from ..artifact.program import attach_provenance, provenance_of
 from ..artifact.pt2 import save_pipeline
 from ..errors import InputSpecError, OutputPathError
 from ..patching.selection import exportable_sam3
@@ -54,22 +55,28 @@ class BuildRecord:
 
     stages: dict[str, float]
     paths: dict[str, Path]
-    manifests: dict[str, dict[str, Any]]
+    manifests: dict[str, Manifest]
     audit: AuditReport
     parity: dict[str, dict[str, Any]]
     program: torch.export.ExportedProgram
 
+    def verdict(self, kind: str) -> bool | None:
+        """Whether the verified artifact of ``kind`` passes: a ``.pt2`` when bitwise equal to
+        eager, another kind when it keeps the same instances; None for an int8 graph, whose
+        numbers are approximate by design (reported, never deciding). Raises ``KeyError``
+        for a kind that was not verified."""
+        parity = self.parity[kind]
+        if kind == "pt2":
+            return all(parity["bitwise"].values())
+        if kind == "onnx-int8":
+            return None
+        return same_instances(parity)
+
     @property
     def verified(self) -> bool:
-        """True unless a verified ``.pt2`` differs from eager or another kind keeps other
-        instances (trivially True without ``verify``; an int8 graph is compared but, its
-        numbers being approximate by design, never decides)."""
-        for kind, parity in self.parity.items():
-            if kind == "pt2" and not all(parity["bitwise"].values()):
-                return False
-            if kind not in ("pt2", "onnx-int8") and not same_instances(parity):
-                return False
-        return True
+        """True unless a verified artifact fails its :meth:`verdict` (trivially True without
+        ``verify``)."""
+        return all(self.verdict(kind) is not False for kind in self.parity)
 
 
 def artifact_paths(out: str | os.PathLike[str], formats: Sequence[str]) -> dict[str, Path]:
@@ -103,8 +110,9 @@ def _check_verify_fits(wrapper: FullSam3PipelineWrapper, batch: int, prompts: in
 
 
 def _onnx_sizes(manifest: dict[str, Any]) -> str:
-    data = sum(f["size_bytes"] for f in manifest.get("data_files", []))
-    return f"graph {manifest['size_bytes'] / 2**20:,.1f} MiB + weights {data / 2**20:,.0f} MiB"
+    data = sum(f.size_bytes for f in manifest.data_files)
+    assert manifest.file is not None
+    return f"graph {manifest.file.size_bytes / 2**20:,.1f} MiB + weights {data / 2**20:,.0f} MiB"
 
 
 def _estimated_bytes(model: nn.Module, formats: Sequence[str]) -> int:
@@ -201,7 +209,7 @@ def build_artifact(
     if verify is not None:
         _check_verify_fits(wrapper, *verify)
     record_paths: dict[str, Path] = {}
-    manifests: dict[str, dict[str, Any]] = {}
+    manifests: dict[str, Manifest] = {}
     programs: dict[str, torch.export.ExportedProgram] = {}
     report: AuditReport | None = None
     targets = [t for t in ("pt2", "onnx") if t in formats or (t == "pt2" and "aoti" in formats)]
@@ -214,14 +222,15 @@ def build_artifact(
             stages.note(report.summary())
             provenance = provenance_of(ep)
             assert provenance is not None
-            record_provenance(ep, dataclasses.replace(provenance, audit=report.to_manifest()))
+            attach_provenance(ep, dataclasses.replace(provenance, audit=report.to_manifest()))
         programs[target] = ep
     if "pt2" in programs:
         with stages.stage("save", str(paths["pt2"])):
             manifests["pt2"] = save_pipeline(programs["pt2"], paths["pt2"], force=force)
             record_paths["pt2"] = paths["pt2"]
-            m = manifests["pt2"]
-            stages.note(f"{m['size_bytes'] / 2**20:,.0f} MiB, sha256 {m['sha256'][:16]}...")
+            file = manifests["pt2"].file
+            assert file is not None
+            stages.note(f"{file.size_bytes / 2**20:,.0f} MiB, sha256 {file.sha256[:16]}...")
     if "aoti" in formats:
         with stages.stage("aoti", f"AOTInductor package {paths['aoti']} (several minutes at full size)"):
             manifests["aoti"] = compile_aoti(
@@ -232,7 +241,7 @@ def build_artifact(
                 force=force,
             )
             record_paths["aoti"] = paths["aoti"]
-            stages.note(f"{manifests['aoti']['size_bytes'] / 2**20:,.0f} MiB")
+            stages.note(f"{manifests['aoti'].file.size_bytes / 2**20:,.0f} MiB")  # type: ignore[union-attr]
     if "onnx" in programs:
         from ..artifact.onnx import export_onnx
 

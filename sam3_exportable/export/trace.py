@@ -11,7 +11,8 @@ import torch
 from torch import nn
 from torch.export import Dim, ExportedProgram
 
-from ..artifact.manifest import Provenance, record_provenance
+from ..artifact.manifest import ModelInfo
+from ..artifact.program import Provenance, attach_provenance
 from ..contract import DYNAMIC_DIMS
 from ..errors import DynamicShapeAuditError
 from ..patching.selection import exportable_sam3
@@ -201,11 +202,11 @@ def export_full_pipeline(
         ep = torch.export.export(wrapper, args, dynamic_shapes=dynamic_shapes, strict=False)
         held = session.held
     report = audit_dynamic_shapes(ep) if audit else None
-    record_provenance(
+    attach_provenance(
         ep,
         Provenance(
-            model=build_info(model).to_dict(),
-            patches=held,
+            model=ModelInfo.from_json(build_info(model).to_dict(), "model"),
+            patches=tuple(held),
             autocast_dtype=_DTYPE_NAMES.get(wrapper.autocast_dtype),
             vocab_size=wrapper.vocab_size,
             audit=report.to_manifest() if report is not None else None,

@@ -28,6 +28,7 @@ from typing import Any, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ..contract import is_torch_tensor
 from ..errors import InputSpecError
 
 __all__ = [
@@ -216,11 +217,7 @@ def to_rgb(source: ImageInput, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image
         return _from_pil(source, what)
     if isinstance(source, np.ndarray):
         return _from_array(source, what)
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is a dependency
-        torch = None  # type: ignore[assignment]
-    if torch is not None and isinstance(source, torch.Tensor):
+    if is_torch_tensor(source):
         tensor = source.detach().cpu()
         if tensor.dim() == 3:
             tensor = tensor.permute(1, 2, 0)

@@ -1,0 +1,138 @@
+"""The runtime install: ``pip install sam3-exportable`` with no extra runs ONNX artifacts
+(load, predict over folders, the batch API, verify) in a fresh venv where torch and sam3 are
+not importable, with the full install's results; what needs an extra says which one."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sam3_exportable.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+#: What the package's build needs from the checkout (nothing generated, no tests).
+SOURCES = ("pyproject.toml", "README.md", "sam3_exportable")
+
+
+def _run(args: list[str], timeout: int = 600, **kwargs) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh venv (no system site-packages) with ``pip install <this package>`` only."""
+    root = tmp_path_factory.mktemp("runtime")
+    source = root / "src"
+    source.mkdir()
+    for name in SOURCES:
+        if (REPO / name).is_dir():
+            shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(REPO / name, source / name)
+    env_dir = root / "venv"
+    made = _run([sys.executable, "-m", "venv", str(env_dir)])
+    assert made.returncode == 0, made.stderr[-2000:]
+    pip = [str(env_dir / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+    installed = _run([*pip, str(source)], timeout=1200)
+    assert installed.returncode == 0, installed.stderr[-3000:]
+    return env_dir
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("runtime-images")
+    rng = np.random.default_rng(11)
+    for i, (h, w) in enumerate([(90, 130), (200, 150), (64, 64)]):
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
+def test_torch_and_sam3_are_not_importable(venv: Path) -> None:
+    for module in ("torch", "torchvision", "sam3", "open_clip", "onnx"):
+        probe = _run([str(venv / "bin" / "python"), "-c", f"import {module}"])
+        assert probe.returncode != 0 and "ModuleNotFoundError" in probe.stderr, module
+
+
+def _predict_args(model: Path, images: Path, out: Path) -> list[str]:
+    return [
+        "predict", "--model", str(model), "--image", str(images), "--prompt", "a dog", "--prompt", "a cat",
+        "--out", str(out), "--threshold", "0.02", "--threads", "2", "--malloc", "default",
+    ]  # fmt: skip
+
+
+def test_predict_over_a_folder_gives_the_full_installs_results(
+    venv: Path, onnx_pair, images: Path, tmp_path: Path
+) -> None:
+    graph = onnx_pair[0]
+    runtime = _run([str(venv / "bin" / "sam3-exportable"), *_predict_args(graph, images, tmp_path / "rt")])
+    assert runtime.returncode == 0, runtime.stderr[-3000:]
+    assert main(_predict_args(graph, images, tmp_path / "full")) == 0
+    ours = (tmp_path / "rt" / "results.jsonl").read_text().splitlines()
+    full = (tmp_path / "full" / "results.jsonl").read_text().splitlines()
+    assert len(ours) == len(full) == 3
+    kept = 0
+    for a, b in zip(ours, full, strict=True):
+        a, b = json.loads(a), json.loads(b)
+        assert a == b  # same numpy path, same onnxruntime, same threads: the same bytes
+        kept += sum(len(p["instances"]) for p in a["phrases"])
+    assert kept > 0
+    coco = json.loads((tmp_path / "rt" / "coco.json").read_text())
+    assert len(coco["images"]) == 3 and len(coco["annotations"]) == kept
+
+
+_PYTHON_API = """
+import sys
+import sam3_exportable as s3e
+artifact = s3e.load_artifact(sys.argv[1])
+assert artifact.kind == "onnx" and artifact.array_library == "numpy", artifact
+results = s3e.Predictor(artifact).predict([sys.argv[2]], ["a dog"], threshold=0.0)
+assert results[0][0].masks.shape[1:] == (1, 90, 130), results[0][0].masks.shape
+summary = s3e.segment_images([sys.argv[3]], ["a dog"], artifact=sys.argv[1], out=sys.argv[4], progress=False)
+assert summary.segmented == 3 and summary.failed == 0, summary
+for name in ("torch", "torchvision", "sam3", "onnx"):
+    assert name not in sys.modules, name
+print("ok")
+"""
+
+
+def test_the_python_api_runs_an_onnx_artifact(venv: Path, onnx_pair, images: Path, tmp_path: Path) -> None:
+    args = [str(onnx_pair[0]), str(images / "0.png"), str(images), str(tmp_path / "api")]
+    run = _run([str(venv / "bin" / "python"), "-c", _PYTHON_API, *args])
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-3000:]
+
+
+def test_verify_runs_two_onnx_artifacts(venv: Path, onnx_pair, images: Path) -> None:
+    graph = str(onnx_pair[0])
+    args = ["verify", "--reference", graph, "--candidate", graph, "--image", str(images / "1.png")]
+    run = _run([str(venv / "bin" / "sam3-exportable"), *args, "--prompt", "a dog", "--threads", "2"])
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "keeps the same instances as the reference at 0.5: True" in run.stdout
+
+
+def _one_line(run: subprocess.CompletedProcess[str]) -> str:
+    assert run.returncode == 2, (run.returncode, run.stderr[-3000:])
+    err = run.stderr.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err, err
+    return err
+
+
+def test_what_needs_an_extra_says_which_one(venv: Path, tiny_artifact: Path, images: Path, tmp_path) -> None:
+    cli = str(venv / "bin" / "sam3-exportable")
+    export = _one_line(
+        _run([cli, "export", "--size", "tiny", "--random-weights", "--out", str(tmp_path / "t.pt2")])
+    )
+    assert "export: expected torch to be installed" in export and "sam3-exportable[export]" in export
+    assert not (tmp_path / "t.pt2").exists()
+    assert "sam3-exportable[export]" in _one_line(_run([cli, "doctor"]))
+    predict = _one_line(_run([cli, *_predict_args(tiny_artifact, images, tmp_path / "p")]))
+    assert "pt2 artifacts: expected torch" in predict and "sam3-exportable[torch]" in predict
+    assert not (tmp_path / "p").exists()
