@@ -71,55 +71,30 @@ def _shape_list(text: str) -> list[tuple[int, int]]:
     return shapes
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def _ranged(parse: Callable[[str], Any], expected: str, ok: Callable[[Any], bool]) -> Callable[[str], Any]:
+    """An argparse type: ``parse`` the text, then check it with ``ok``; both failures say
+    ``expected`` and what came."""
+
+    def convert(text: str) -> Any:
+        try:
+            value = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
+        return value
+
+    return convert
 
 
 #: The most intra-op threads a command accepts (the OpenMP runtime crashed far above it).
 MAX_THREADS = 1024
 
-
-def _threads(text: str) -> int:
-    value = _positive_int(text)
-    if value > MAX_THREADS:
-        raise argparse.ArgumentTypeError(f"expected at most {MAX_THREADS} threads, got {value}")
-    return value
-
-
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**63), got {text!r}") from None
-    if not 0 <= value < 2**63:
-        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**63), got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
-    return value
-
-
-def _threshold(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value}")
-    return value
+_positive_int = _ranged(int, "a positive integer", lambda v: v >= 1)
+_threads = _ranged(int, f"an integer in [1, {MAX_THREADS}]", lambda v: 1 <= v <= MAX_THREADS)
+_seed = _ranged(int, "an integer in [0, 2**63)", lambda v: 0 <= v < 2**63)
+_positive_float = _ranged(float, "a positive number", lambda v: 0 < v < float("inf"))
+_threshold = _ranged(float, "a number in [0, 1]", lambda v: 0.0 <= v <= 1.0)
 
 
 def _export_side(command: str) -> Any:
@@ -286,13 +261,14 @@ def verify_command(args: argparse.Namespace) -> int:
 def tokenize_command(args: argparse.Namespace) -> int:
     import json
 
+    from .predict.predictor import make_prompts
     from .tokenizer import Tokenizer
 
     if args.context_length < 3:
         raise InputSpecError(
             f"--context-length: expected at least 3 (start, a token, end), got {args.context_length}"
         )
-    ids = Tokenizer(args.context_length)(args.prompt or [])
+    ids = make_prompts(Tokenizer(args.context_length), args.prompt or []).token_ids  # warns when cut
     print(json.dumps({"context_length": args.context_length, "token_ids": ids.tolist()}))
     return 0
 
@@ -652,10 +628,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         apply_malloc_policy(args.malloc)  # bench applies it in each job's own process
     func: Callable[[argparse.Namespace], int] = args.func
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if _in_main_thread() else None
+    shown = warnings.showwarning
+    warnings.showwarning = _one_line_warning
     try:
         with _closed_pipes_tolerated():
             return _run(func, args)
     finally:
+        warnings.showwarning = shown
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 
@@ -686,6 +665,11 @@ def _run(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) ->
     except _Terminated:
         print("terminated (SIGTERM): nothing half-written was left behind", file=sys.stderr)
         return 143
+
+
+def _one_line_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+    """Warnings as one line on stderr (``warning: ...``), without the source line."""
+    print(f"warning: {_one_line(message) if isinstance(message, Warning) else message}", file=sys.stderr)
 
 
 def _in_main_thread() -> bool:

@@ -95,6 +95,7 @@ def assert_bitwise(expected, got) -> None:
 _FRESH_PROCESS = textwrap.dedent(
     """
     import sys, torch, torchvision
+    torch.set_num_threads(int(sys.argv[4]))  # the parent's count: the same reduction order
     ep = torch.export.load(sys.argv[1])
     outs = ep.module()(*torch.load(sys.argv[2]))
     torch.save(tuple(outs), sys.argv[3])
@@ -115,6 +116,7 @@ def run_in_fresh_process(artifact: Path, inputs, tmp_path: Path, timeout: int = 
             str(artifact),
             str(tmp_path / "in.pt"),
             str(tmp_path / "out.pt"),
+            str(torch.get_num_threads()),
         ],
         capture_output=True,
         text=True,

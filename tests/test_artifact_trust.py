@@ -105,3 +105,11 @@ def test_a_copy_that_disagrees_with_the_file_is_refused_naming_the_field(
         manifest_path(copy).write_text(json.dumps(doc))
         with pytest.raises(ArtifactError, match=f"expected the same '{field}' as the manifest inside"):
             load_artifact(copy)
+
+
+def test_a_truncated_pt2_is_called_truncated(tiny_artifact: Path, tmp_path: Path) -> None:
+    cut = tmp_path / "cut.pt2"
+    cut.write_bytes(tiny_artifact.read_bytes()[: tiny_artifact.stat().st_size // 2])
+    manifest_path(cut).write_text(manifest_path(tiny_artifact).read_text())
+    with pytest.raises(ArtifactError, match=r"size mismatch: .* the file is truncated or damaged"):
+        load_artifact(cut)

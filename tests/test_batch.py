@@ -342,18 +342,21 @@ def test_label_pngs_are_16_bit_above_255_instances() -> None:
     assert plain.tobytes() == image.tobytes()  # nothing kept: the overlay is the image
 
 
-def test_failed_images_stay_failed_on_resume_unless_retried(artifact, tmp_path: Path) -> None:
+def test_failed_images_stay_failed_on_resume_unless_retried_or_changed(artifact, tmp_path: Path) -> None:
     folder = tmp_path / "in"
     folder.mkdir()
     Image.fromarray(_rgb(10, 40, 50)).save(folder / "good.png")
     (folder / "later.png").write_bytes(b"not yet a PNG")
     out = tmp_path / "out"
     assert _main(_args(artifact, out, images=(str(folder),)))[0] == 1
-    Image.fromarray(_rgb(11, 30, 60)).save(folder / "later.png")  # the user fixes the file
-    status, printed, err = _main(_args(artifact, out, "--resume", images=(str(folder),)))
+    status, printed, err = _main(_args(artifact, out, "--resume", images=(str(folder),)))  # unchanged
     assert status == 1 and "this run: 0 images, 2 done before" in printed and "1 of 2 images failed" in err
-    status, printed, _ = _main(_args(artifact, out, "--resume", "--retry-failed", images=(str(folder),)))
-    assert status == 0 and "segmented 2 of 2 images" in printed
+    status, printed, err = _main(_args(artifact, out, "--resume", "--retry-failed", images=(str(folder),)))
+    assert status == 1 and "this run: 1 images, 1 done before" in printed and "1 of 2 images failed" in err
+    assert len((out / "errors.jsonl").read_text().splitlines()) == 1
+    Image.fromarray(_rgb(11, 30, 60)).save(folder / "later.png")  # the user fixes the file
+    status, printed, _ = _main(_args(artifact, out, "--resume", images=(str(folder),)))
+    assert status == 0 and "segmented 2 of 2 images" in printed and "this run: 1 images" in printed
     assert (out / "errors.jsonl").read_text() == "" and len(_results(out)) == 2
     status, _, err = _main(_args(artifact, tmp_path / "new", "--retry-failed", images=(str(folder),)))
     assert status == 2 and "expected with resume (--resume)" in err
@@ -549,7 +552,7 @@ def ray_cluster():
     }
     head = subprocess.Popen(
         [
-            "ray",
+            str(Path(sys.executable).with_name("ray")),  # this Python's, not whatever PATH has
             "start",
             "--head",
             "--block",
@@ -754,3 +757,13 @@ def test_resume_runs_a_changed_image_again_and_keeps_one_line_per_image(
     assert after[0] == before[0] and (after[1]["width"], after[1]["height"]) == (64, 40)
     coco = json.loads((out / "coco.json").read_text())
     assert [(i["width"], i["height"]) for i in coco["images"]] == [(48, 32), (64, 40)]
+
+
+def test_a_dangling_symlink_out_and_a_bom_in_a_list_are_named(artifact, photos, tmp_path: Path) -> None:
+    dangling = tmp_path / "out"
+    dangling.symlink_to(tmp_path / "nowhere", target_is_directory=True)
+    status, _, err = _main(_args(artifact, dangling, images=(str(photos / "gray.png"),)))
+    assert status == 2 and "is a symbolic link to" in err and "which does not exist" in err, err
+    listing = tmp_path / "list.txt"
+    listing.write_bytes(b"\xef\xbb\xbf" + str(photos / "gray.png").encode() + b"\n")  # a BOM first
+    assert expand_images([], [listing]) == [photos / "gray.png"]

@@ -29,7 +29,7 @@ def _one_line_error(capsys, status: int, *needles: str) -> str:
     [
         (
             ["export", "--random-weights", "--out", "x.pt2", "--threads", "-1"],
-            ["--threads", "positive integer, got -1"],
+            ["--threads", "an integer in [1, 1024], got -1"],
         ),
         (
             ["export", "--random-weights", "--out", "x.pt2", "--verify", "0,1"],
@@ -39,7 +39,7 @@ def _one_line_error(capsys, status: int, *needles: str) -> str:
         (["export", "--out", "x.pt2"], ["one of the arguments --checkpoint --random-weights is required"]),
         (
             ["predict", "--model", "m.pt2", "--image", "a", "--out", "o", "--threads", "100000"],
-            ["--threads", "at most 1024"],
+            ["--threads", "an integer in [1, 1024], got 100000"],
         ),
         (["export", "--random-weights", "--out", "x.pt2", "--seed", str(2**64)], ["--seed", "[0, 2**63)"]),
         (["export", "--random-weights", "--out", "x.pt2", "--seed", "-1"], ["--seed", "[0, 2**63)"]),
@@ -146,3 +146,17 @@ def test_a_closed_stdout_ends_the_run_cleanly_with_every_output(onnx_pair, tmp_p
     assert "Traceback" not in err and "BrokenPipe" not in err, err
     assert len((out / "results.jsonl").read_text().splitlines()) == 2
     assert len(json.loads((out / "coco.json").read_text())["images"]) == 2
+
+
+def test_a_truncated_phrase_warns_once_in_one_line(onnx_pair, tmp_path: Path, capsys) -> None:
+    from PIL import Image
+
+    long = "dog " * 40
+    assert main(["tokenize", "--prompt", long]) == 0
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("warning: phrase") and "truncated" in err and err.count("\n") == 0, err
+    Image.new("RGB", (40, 30)).save(tmp_path / "a.png")
+    args = ["predict", "--model", str(onnx_pair[0]), "--image", str(tmp_path / "a.png"), "--prompt", long]
+    assert main([*args, "--out", str(tmp_path / "out"), "--threads", "1", "--malloc", "default"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("truncated") == 1 and "UserWarning" not in err, err

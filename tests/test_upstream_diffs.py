@@ -108,7 +108,9 @@ CHILD = textwrap.dedent(
 )
 
 
-def _export_with_diffs(tmp_path: Path) -> dict:
+def _export_with_diffs(tmp_path: Path, *, crash_is_caught: bool = False) -> dict | None:
+    """The child's outputs; None when it crashed and ``crash_is_caught`` (a kernel that
+    refuses the broken inputs: torchvision 0.29.2's roi_align checks batch indices)."""
     root = _copy_upstream(tmp_path / "upstream")
     for diff in DIFFS:
         result = _apply(diff, root)
@@ -120,6 +122,8 @@ def _export_with_diffs(tmp_path: Path) -> dict:
         timeout=600,
         cwd=ROOT,
     )
+    if crash_is_caught and run.returncode != 0 and "roi_align" in run.stderr:
+        return None
     assert run.returncode == 0, run.stderr[-4000:]
     return torch.load(tmp_path / "out.pt")
 
@@ -136,6 +140,7 @@ def _mismatches(tiny_model, tiny_wrapper, tiny_ep, outs: dict) -> list[str]:
 
 def test_diffs_export_bitwise_like_runtime_patches(tiny_model, tiny_wrapper, tiny_ep, tmp_path: Path) -> None:
     outs = _export_with_diffs(tmp_path)
+    assert outs is not None
     assert set(outs) == {"probe", (1, 3), (3, 2)}
     for (b, p), got in ((k, v) for k, v in outs.items() if k != "probe"):
         assert_bitwise(tiny_ep.module()(*example_inputs(tiny_wrapper, b, p, seed=13)), got)
@@ -153,8 +158,8 @@ def test_a_broken_diff_is_caught(tiny_model, tiny_wrapper, tiny_ep, tmp_path: Pa
     bad = tmp_path / original.name
     bad.write_text(broken)
     monkeypatch.setattr(sys.modules[__name__], "DIFFS", [bad if d == original else d for d in DIFFS])
-    outs = _export_with_diffs(tmp_path)
-    assert "encode_boxes" in _mismatches(tiny_model, tiny_wrapper, tiny_ep, outs)
+    outs = _export_with_diffs(tmp_path, crash_is_caught=True)
+    assert outs is None or "encode_boxes" in _mismatches(tiny_model, tiny_wrapper, tiny_ep, outs)
 
 
 DOCTOR = textwrap.dedent(

@@ -126,6 +126,11 @@ def check_output_dir(path: str | os.PathLike[str], *, what: str = "--out") -> Pa
             f"{what} {path}: is the current directory or one of its parents; expected a new "
             "directory for the outputs, e.g. out/"
         )
+    if target.is_symlink() and not target.exists():
+        raise OutputPathError(
+            f"{what} {target}: is a symbolic link to {os.readlink(target)}, which does not exist; "
+            "expected a directory (create its target, or choose another --out)"
+        )
     if target.exists() and not target.is_dir():
         raise OutputPathError(f"{what} {target}: is a file; expected a directory")
     _probe_writable(target, f"{what} {target}")

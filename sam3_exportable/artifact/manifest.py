@@ -678,6 +678,15 @@ def _read_copy(path: Path) -> Any:
         raise ArtifactError(f"{copy}: expected JSON, could not parse it: {exc}") from None
 
 
+def _recorded_size(copy_doc: Any) -> int | None:
+    """The file size a manifest copy (version 2 or 3) records, or None."""
+    if not isinstance(copy_doc, dict):
+        return None
+    record = copy_doc.get("file")
+    size = record.get("size_bytes") if isinstance(record, dict) else copy_doc.get("size_bytes")
+    return size if isinstance(size, int) and not isinstance(size, bool) else None
+
+
 def _disagreement(embedded: Any, copy: Any, file_name: str) -> str | None:
     """The first top-level field in which the manifest copy differs from the embedded one
     (both upgraded to the current schema; the copy's own file record aside), or None."""
@@ -719,6 +728,12 @@ def read_manifest(path: str | os.PathLike[str], *, kinds: Iterable[str] = KINDS)
             )
         if isinstance(copy_doc, dict) and copy_doc.get("format") in LEGACY_FORMATS:
             manifest = Manifest.from_json(copy_doc, str(manifest_path(target)), file_name=target.name)
+        elif _recorded_size(copy_doc) not in (None, target.stat().st_size):
+            raise ArtifactError(
+                f"{target}: size mismatch: its manifest copy {copy_name} expects "
+                f"{_recorded_size(copy_doc)} bytes, the file has {target.stat().st_size} and no "
+                "readable manifest inside: the file is truncated or damaged; export it again"
+            )
         else:
             raise ArtifactError(
                 f"{target}: expected the artifact that {copy_name} describes, got a file that "

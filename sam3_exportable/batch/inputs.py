@@ -93,7 +93,7 @@ def read_image_list(path: str | os.PathLike[str]) -> list[str]:
     be read or names no path."""
     target = Path(path)
     try:
-        text = target.read_text(encoding="utf-8")
+        text = target.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the first path
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise InputSpecError(f"--image-list {target}: expected a readable text file, got {reason}") from None
