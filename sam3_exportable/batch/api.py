@@ -55,7 +55,7 @@ class BatchSummary:
     of the job. ``seconds``: wall time of the call; ``first_result_seconds``: until the
     first batch came back (start-up included), None when nothing ran. ``workers``: worker
     processes that returned images (this process for the local engine), ``worker_peak_rss``
-    their peak RSS in bytes by process id; ``threads``: torch threads of each.
+    their peak RSS in bytes by process id; ``threads``: intra-op threads of each.
     """
 
     out: Path
@@ -181,9 +181,10 @@ def segment_images(
     its batch is done; ``errors.jsonl``; ``coco.json`` at the end).
 
     Batches of ``batch_size`` images, phrases in chunks so that a graph call holds at most
-    ``max_pairs`` pairs. ``engine="local"`` runs in this process with ``threads`` torch
-    threads (default: torch's current setting; restored after); ``engine="ray"`` runs
-    ``workers`` actors of ``threads`` threads each (default 1) on a fresh local Ray instance
+    ``max_pairs`` pairs. ``engine="local"`` runs in this process with ``threads`` threads
+    (default: the CPUs this process may use; torch's setting is restored after);
+    ``engine="ray"`` runs ``workers`` actors of ``threads`` threads each (default 1) on a
+    fresh local Ray instance
     or, with ``ray_address``, on that cluster, whose nodes must have this package installed
     (or ship it: ``ray_runtime_env={"py_modules": [...]}``). Results are bitwise the same
     for either engine and any ``workers`` at the same ``batch_size``, ``max_pairs`` and
