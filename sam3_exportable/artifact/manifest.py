@@ -678,6 +678,17 @@ def _read_copy(path: Path) -> Any:
         raise ArtifactError(f"{copy}: expected JSON, could not parse it: {exc}") from None
 
 
+def _damaged(target: Path) -> bool:
+    """Whether ``target`` is neither a readable zip archive nor a well-formed protobuf."""
+    if zipfile.is_zipfile(target):
+        return False
+    try:
+        read_metadata_prop(target, ONNX_METADATA_KEY)
+    except ValueError:
+        return True
+    return False
+
+
 def _recorded_size(copy_doc: Any) -> int | None:
     """The file size a manifest copy (version 2 or 3) records, or None."""
     if not isinstance(copy_doc, dict):
@@ -728,7 +739,7 @@ def read_manifest(path: str | os.PathLike[str], *, kinds: Iterable[str] = KINDS)
             )
         if isinstance(copy_doc, dict) and copy_doc.get("format") in LEGACY_FORMATS:
             manifest = Manifest.from_json(copy_doc, str(manifest_path(target)), file_name=target.name)
-        elif _recorded_size(copy_doc) not in (None, target.stat().st_size):
+        elif _damaged(target) and _recorded_size(copy_doc) not in (None, target.stat().st_size):
             raise ArtifactError(
                 f"{target}: size mismatch: its manifest copy {copy_name} expects "
                 f"{_recorded_size(copy_doc)} bytes, the file has {target.stat().st_size} and no "
