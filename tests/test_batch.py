@@ -767,3 +767,29 @@ def test_a_dangling_symlink_out_and_a_bom_in_a_list_are_named(artifact, photos, 
     listing = tmp_path / "list.txt"
     listing.write_bytes(b"\xef\xbb\xbf" + str(photos / "gray.png").encode() + b"\n")  # a BOM first
     assert expand_images([], [listing]) == [photos / "gray.png"]
+
+
+def test_resume_after_the_manifest_copy_is_removed_or_the_artifact_moved(
+    artifact, onnx_pair, photos, tmp_path: Path
+) -> None:
+    """The export id inside the artifact identifies it; the sha256 (kept in the copy beside
+    the file) is compared only where both runs know it; another export is named as such."""
+    moved = tmp_path / "deployed" / "model.pt2"
+    moved.parent.mkdir()
+    shutil.copy2(artifact, moved)
+    shutil.copy2(f"{artifact}.json", f"{moved}.json")
+    out = tmp_path / "run"
+    image = (str(photos / "gray.png"),)
+    status, _, err = _main(_args(moved, out, images=image))
+    assert status == 0, err
+    lines = (out / "results.jsonl").read_text()
+    Path(f"{moved}.json").unlink()  # deployed without the copy: the hash of the file is unknown now
+    status, printed, err = _main(_args(moved, out, "--resume", images=image))
+    assert status == 0 and "1 done before" in printed, err
+    status, printed, err = _main(_args(artifact, out, "--resume", images=image))  # same export, elsewhere
+    assert status == 0 and "1 done before" in printed, err
+    assert (out / "results.jsonl").read_text() == lines
+    status, _, err = _main(_args(onnx_pair[0], out, "--resume", images=image))
+    assert status == 2 and len(err.strip().splitlines()) == 1, err
+    assert "another export" in err and str(onnx_pair[0].resolve()) in err, err
+    assert (out / "results.jsonl").read_text() == lines

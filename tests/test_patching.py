@@ -182,12 +182,24 @@ def test_eager_outputs_unchanged_by_having_patched_before(tiny_wrapper) -> None:
     assert _current() == ORIGINALS
 
 
+def test_doctor_names_a_torch_outside_the_tested_versions() -> None:
+    from sam3_exportable.patching.doctor import TESTED_TORCH, torch_note
+
+    for torch_version, vision_version in TESTED_TORCH:
+        assert torch_note(torch_version + "+cu130", vision_version).endswith("this is one of them")
+    note = torch_note("2.16.0+cpu", "0.30.0")
+    assert note.startswith("torch 2.16.0 / torchvision 0.30.0 is outside the tested versions"), note
+    assert "bash scripts/test_torch.sh 2.16.0 0.30.0" in note
+    assert "outside" in torch_note("2.15.0", "0.29.1")  # a pair, not two independent ranges
+
+
 def test_doctor_table_on_the_pinned_upstream(capsys) -> None:
     from sam3_exportable.cli import main
 
     assert main(["doctor"]) == 0
     out = capsys.readouterr().out
     assert "sam3 0.1" in out
+    assert "tested versions (torch 2.14.1 / torchvision 0.29.1, torch 2.15.0 / torchvision 0.29.2)" in out
     for p in ALL_PATCHES:
         line = next(line for line in out.splitlines() if line.startswith(p.name + " "))
         assert line.split()[-1] == "ok" and "needs patch" in line, line

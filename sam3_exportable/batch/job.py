@@ -69,9 +69,9 @@ class Job:
             for name in _COMPARED
             if getattr(self, name) != getattr(other, name)
         ]
-        ours, theirs = self.artifact, other.artifact
-        if (ours.get("sha256"), ours.get("artifact_id")) != (theirs.get("sha256"), theirs.get("artifact_id")):
-            names.append(f"artifact ({theirs.get('path')} is not {ours.get('path')})")
+        artifact = _artifact_difference(self.artifact, other.artifact)
+        if artifact:
+            names.append(artifact)
         if self.images != other.images:
             before, after = set(self.images), set(other.images)
             names.append(f"images ({len(after - before)} added, {len(before - after)} gone)")
@@ -126,6 +126,27 @@ class Job:
             raise OutputPathError(
                 f"{where}: expected a complete job record, got an error reading it: {exc}"
             ) from None
+
+
+def _artifact_difference(ours: dict[str, Any], theirs: dict[str, Any]) -> str | None:
+    """What makes ``theirs`` another artifact than the job's ``ours``, or None.
+
+    The export id (embedded in every artifact) must match; the file's sha256 is compared
+    only where both are known (it lives in the manifest copy beside the file, which a
+    deployment may drop). The path may differ: an artifact may have moved.
+    """
+    if ours.get("artifact_id") != theirs.get("artifact_id"):
+        return (
+            f"artifact (export id {_short(ours.get('artifact_id'))} of {ours.get('path')} in the job, "
+            f"{_short(theirs.get('artifact_id'))} of {theirs.get('path')} now: another export)"
+        )
+    known = ours.get("sha256") is not None and theirs.get("sha256") is not None
+    if known and ours.get("sha256") != theirs.get("sha256"):
+        return (
+            f"artifact (sha256 {str(ours.get('sha256'))[:12]}... in the job, "
+            f"{str(theirs.get('sha256'))[:12]}... now: the file of export {ours.get('artifact_id')} changed)"
+        )
+    return None
 
 
 def is_job_record(path: Path) -> bool:

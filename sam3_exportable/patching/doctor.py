@@ -13,7 +13,11 @@ from .engine import Patch, is_patched, resolve_target
 from .selection import default_context
 from .upstream import ALL_PATCHES
 
-__all__ = ["DoctorRow", "doctor_rows", "format_table"]
+__all__ = ["TESTED_TORCH", "DoctorRow", "doctor_rows", "format_table", "torch_note"]
+
+#: (torch, torchvision) releases the whole fast tier is tested on (``scripts/test_torch.sh``
+#: runs it against any other pair); the README's "Tested versions" names the same.
+TESTED_TORCH: tuple[tuple[str, str], ...] = (("2.14.1", "0.29.1"), ("2.15.0", "0.29.2"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +62,24 @@ def doctor_rows(patches: Sequence[Patch] = ALL_PATCHES) -> list[DoctorRow]:
     return rows
 
 
+def _release(text: str) -> str:
+    """``2.14.1+cu130`` -> ``2.14.1`` (the local build tag is not part of the release)."""
+    return text.split("+", 1)[0]
+
+
+def torch_note(torch_version: str, vision_version: str) -> str:
+    """One line saying whether this torch/torchvision pair is one of :data:`TESTED_TORCH`."""
+    pair = (_release(torch_version), _release(vision_version))
+    tested = ", ".join(f"torch {t} / torchvision {v}" for t, v in TESTED_TORCH)
+    if pair in TESTED_TORCH:
+        return f"tested versions ({tested}): this is one of them"
+    return (
+        f"torch {pair[0]} / torchvision {pair[1]} is outside the tested versions ({tested}): "
+        "the fingerprints below say whether the patches still match; "
+        f"bash scripts/test_torch.sh {pair[0]} {pair[1]} runs the fast tier against it"
+    )
+
+
 def format_table(rows: Sequence[DoctorRow]) -> str:
     header = ("patch", "needed for .pt2", "needed for ONNX", "applied now", "upstream", "fingerprint")
 
@@ -70,6 +92,7 @@ def format_table(rows: Sequence[DoctorRow]) -> str:
     widths = [max(len(str(row[i])) for row in [header, *body]) for i in range(len(header))]
     lines = [
         f"torch {torch.__version__}, sam3 {version('sam3')}, CUDA available: {torch.cuda.is_available()}",
+        torch_note(torch.__version__, version("torchvision")),
         "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)),
         "  ".join("-" * w for w in widths),
     ]
