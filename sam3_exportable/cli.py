@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import errno
 import io
+import math
 import os
 import signal
 import sys
@@ -44,14 +45,31 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def _shape(text: str) -> tuple[int, int]:
+def _shape(text: str) -> tuple[int, ...]:
     try:
-        b, p = (int(v) for v in text.split(","))
+        sizes = tuple(int(v) for v in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected B,P (two integers), got {text!r}") from None
-    if b < 1 or p < 1:
-        raise argparse.ArgumentTypeError(f"expected B >= 1 and P >= 1, got {text!r}")
-    return b, p
+        sizes = ()
+    if len(sizes) not in (2, 3):
+        raise argparse.ArgumentTypeError(f"expected B,P or B,P,K (integers), got {text!r}")
+    if min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected every size >= 1, got {text!r}")
+    return sizes
+
+
+def _box(positive: bool) -> Callable[[str], tuple[float, float, float, float, bool]]:
+    """An argparse type: ``X0,Y0,X1,Y1`` in pixels, finite, ``X1 > X0``, ``Y1 > Y0``."""
+
+    def parse(text: str) -> tuple[float, float, float, float, bool]:
+        try:
+            x0, y0, x1, y1 = (float(v) for v in text.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected X0,Y0,X1,Y1 (four numbers), got {text!r}") from None
+        if not all(math.isfinite(v) for v in (x0, y0, x1, y1)) or x1 <= x0 or y1 <= y0:
+            raise argparse.ArgumentTypeError(f"expected finite X0 < X1 and Y0 < Y1, got {text!r}")
+        return x0, y0, x1, y1, positive
+
+    return parse
 
 
 def _name_list(text: str) -> list[str]:
@@ -136,6 +154,8 @@ def export_command(args: argparse.Namespace) -> int:
         raise InputSpecError("--aoti: compiles the .pt2 program; use it with --format pt2")
     if args.quantize and args.format != "onnx":
         raise InputSpecError("--quantize: quantizes the ONNX graph; use it with --format onnx")
+    if args.verify is not None and len(args.verify) == 3 and not args.boxes:
+        raise InputSpecError(f"--verify: expected B,P without --boxes, got {','.join(map(str, args.verify))}")
     stages = Stages.printing()
     record = recipe.build_artifact(
         args.out,
@@ -149,6 +169,7 @@ def export_command(args: argparse.Namespace) -> int:
         force=args.force,
         quantize=args.quantize,
         stages=stages,
+        boxes=args.boxes,
     )
     for kind, parity in record.parity.items():
         for line in format_parity(parity, "" if kind == "pt2" else kind):
@@ -181,9 +202,21 @@ def predict_command(args: argparse.Namespace) -> int:
             "initialisation (exported with --allow-missing-keys): its masks may be meaningless",
             flush=True,
         )
+    phrases: list[str | None] = list(args.prompt or [])
+    boxes: Any = None
+    if args.box_file and args.box:
+        raise InputSpecError("--boxes: expected either --boxes FILE or --box/--negative-box, got both")
+    if args.box:
+        boxes = list(args.box)
+    elif args.box_file:
+        from .batch.inputs import read_box_file
+
+        boxes = read_box_file(args.box_file, max(1, len(phrases)))
+    if boxes is not None and not phrases:
+        phrases = [None]  # boxes alone
     summary = segment_images(
         args.image or [],
-        args.prompt or [],
+        phrases,
         artifact=args.model,
         manifest=manifest,
         out=args.out,
@@ -202,6 +235,7 @@ def predict_command(args: argparse.Namespace) -> int:
         masks=not args.no_masks,
         strict=args.strict,
         max_pixels=args.max_pixels,
+        boxes=boxes,
     )
     failed = f", {summary.failed} failed" if summary.failed else ""
     before = f", {summary.skipped} done before" if summary.skipped else ""
@@ -367,7 +401,18 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", required=True, help="path of the artifact to write (e.g. build/sam3.pt2)")
     exp.add_argument("--format", choices=["pt2", "onnx"], default="pt2", help="artifact kind (default pt2)")
     exp.add_argument("--autocast", choices=["none", "bf16", "fp16"], default="none")
-    exp.add_argument("--verify", type=_shape, metavar="B,P", help="compare each artifact with eager")
+    exp.add_argument(
+        "--verify",
+        type=_shape,
+        metavar="B,P[,K]",
+        help="compare each artifact with eager at B images, P phrases (and K box slots with --boxes)",
+    )
+    exp.add_argument(
+        "--boxes",
+        action="store_true",
+        help="export the box-capable graph: exemplar boxes (boxes, box_labels, box_valid) as "
+        "inputs besides the phrases, K boxes per pair dynamic",
+    )
     exp.add_argument(
         "--aoti",
         action="store_true",
@@ -404,7 +449,32 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="a file with one image path per line (# comments and blank lines ignored); repeatable",
     )
-    pred.add_argument("--prompt", action="append", help="a phrase, e.g. 'a dog'; repeatable")
+    pred.add_argument(
+        "--prompt", action="append", help="a phrase, e.g. 'a dog'; repeatable (none: boxes alone)"
+    )
+    pred.add_argument(
+        "--box",
+        action="append",
+        type=_box(True),
+        metavar="X0,Y0,X1,Y1",
+        help="a positive exemplar box in image pixels, for every phrase of every image; "
+        "repeatable (needs an artifact exported with --boxes)",
+    )
+    pred.add_argument(
+        "--negative-box",
+        action="append",
+        dest="box",
+        type=_box(False),
+        metavar="X0,Y0,X1,Y1",
+        help="a negative exemplar box, as --box; boxes keep the order given",
+    )
+    pred.add_argument(
+        "--boxes",
+        dest="box_file",
+        metavar="FILE.jsonl",
+        help='exemplar boxes per image: one line per image, {"path": ..., "boxes": [[[x0, y0, x1, y1'
+        "(, label)], ...] per phrase]}",
+    )
     pred.add_argument("--threshold", type=_threshold, default=0.5)
     pred.add_argument("--out", required=True, help="output directory")
     again = pred.add_mutually_exclusive_group()

@@ -3,6 +3,15 @@
 Inputs: ``images`` float32 ``[B, 3, S, S]`` (resized to ``S`` and normalised with mean and
 std :data:`NORMALIZE_MEAN` / :data:`NORMALIZE_STD`, as upstream's ``Sam3Processor`` does),
 ``token_ids`` int64 ``[P, L]`` (upstream tokenizer, 0 is padding); ``B >= 1``, ``P >= 1``.
+
+A box-capable program (exported with ``boxes=True`` / ``--boxes``) takes three more inputs,
+the exemplar boxes of each image-prompt pair (:data:`BOX_INPUT_NAMES`), ``K >= 1``:
+``boxes`` float32 ``[B, P, K, 4]`` (normalised cx, cy, w, h, as upstream's ``Prompt``),
+``box_labels`` int64 ``[B, P, K]`` (1 positive, 0 negative) and ``box_valid`` bool
+``[B, P, K]`` (False = padding: the box is ignored, whatever its values; valid boxes may sit
+anywhere along K, the graph moves them to the front in order). A pair with no valid box is
+grounded on its phrase alone; :func:`padding_boxes` builds the inputs of "no box anywhere".
+
 Nothing here imports torch: the runtime install checks inputs and scores with numpy.
 
 Outputs, for the ``B * P`` image-prompt pairs in image-major order (pair ``b * P + p``),
@@ -15,6 +24,7 @@ parity checks and benchmarks use.
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 import numpy as np
@@ -22,13 +32,19 @@ import numpy as np
 from .errors import InputSpecError
 
 __all__ = [
+    "BOX_DYNAMIC_DIMS",
+    "BOX_INPUT_NAMES",
     "DYNAMIC_DIMS",
     "INPUT_NAMES",
     "NORMALIZE_MEAN",
     "NORMALIZE_STD",
     "OUTPUT_NAMES",
+    "check_box_inputs",
     "check_inputs",
+    "dynamic_dims",
+    "input_names",
     "is_torch_tensor",
+    "padding_boxes",
     "pair_scores",
     "sigmoid",
 ]
@@ -41,6 +57,24 @@ OUTPUT_NAMES = ("pred_logits", "pred_boxes", "pred_masks", "presence_logit_dec")
 
 #: (input index, dim, name) of every dim that stays dynamic with range [1, inf).
 DYNAMIC_DIMS: tuple[tuple[int, int, str], ...] = ((0, 0, "batch"), (1, 0, "num_prompts"))
+
+#: Names of the box-capable program's three extra inputs, in order, after :data:`INPUT_NAMES`.
+BOX_INPUT_NAMES = ("boxes", "box_labels", "box_valid")
+
+#: The box-capable program's extra dynamic dim (``boxes`` dim 2; its dims 0 and 1 are
+#: ``batch`` and ``num_prompts``, the same symbols as ``images`` and ``token_ids``).
+BOX_DYNAMIC_DIMS: tuple[tuple[int, int, str], ...] = ((2, 2, "num_boxes"),)
+
+
+def input_names(boxes: bool) -> tuple[str, ...]:
+    """The program's input names, text-only or box-capable."""
+    return INPUT_NAMES + BOX_INPUT_NAMES if boxes else INPUT_NAMES
+
+
+def dynamic_dims(boxes: bool) -> tuple[tuple[int, int, str], ...]:
+    """``(input index, dim, name)`` of every dim that stays dynamic, text-only or box-capable."""
+    return DYNAMIC_DIMS + BOX_DYNAMIC_DIMS if boxes else DYNAMIC_DIMS
+
 
 #: Per-channel normalisation of ``images`` (upstream ``Sam3Processor``).
 NORMALIZE_MEAN = (0.5, 0.5, 0.5)
@@ -122,3 +156,50 @@ def check_inputs(
         low, high = int(token_ids.min()), int(token_ids.max())
         if low < 0 or high >= vocab_size:
             raise InputSpecError(f"token_ids: expected values in [0, {vocab_size}), got [{low}, {high}]")
+
+
+def padding_boxes(batch: int, prompts: int, like: Any) -> tuple[Any, Any, Any]:
+    """``(boxes, box_labels, box_valid)`` of ``batch`` x ``prompts`` pairs with no box: one
+    padding slot each (zeros, label 1, not valid), as numpy arrays, or torch tensors on
+    ``like``'s device when ``like`` is a torch tensor."""
+    boxes = np.zeros((batch, prompts, 1, 4), np.float32)
+    labels = np.ones((batch, prompts, 1), np.int64)
+    valid = np.zeros((batch, prompts, 1), np.bool_)
+    if is_torch_tensor(like):  # torch is loaded already: the caller handed us its tensor
+        torch = importlib.import_module("torch")
+        return tuple(torch.from_numpy(a).to(like.device) for a in (boxes, labels, valid))  # type: ignore[return-value]
+    return boxes, labels, valid
+
+
+def check_box_inputs(boxes: Any, box_labels: Any, box_valid: Any, *, batch: int, prompts: int) -> None:
+    """Raise :class:`InputSpecError` naming the box input, what was expected and what came.
+
+    Accepts numpy arrays or torch tensors: ``boxes`` float32 ``[B, P, K, 4]`` with finite
+    values, ``box_labels`` int64 ``[B, P, K]`` of 0 and 1, ``box_valid`` bool ``[B, P, K]``,
+    ``K >= 1``, ``B`` and ``P`` those of ``images`` and ``token_ids``.
+    """
+    for name, value in (("boxes", boxes), ("box_labels", box_labels), ("box_valid", box_valid)):
+        if not _is_array(value):
+            raise InputSpecError(f"{name}: expected a numpy array or torch.Tensor, got {_describe(value)}")
+    if len(boxes.shape) != 4 or tuple(boxes.shape[:2]) != (batch, prompts) or boxes.shape[3] != 4:
+        raise InputSpecError(f"boxes: expected shape [{batch}, {prompts}, K, 4], got {list(boxes.shape)}")
+    k = int(boxes.shape[2])
+    if k < 1:
+        raise InputSpecError("boxes: expected at least one box slot per pair (K >= 1), got K=0")
+    for name, value, dtype in (
+        ("boxes", boxes, "float32"),
+        ("box_labels", box_labels, "int64"),
+        ("box_valid", box_valid, "bool"),
+    ):
+        if name != "boxes" and tuple(value.shape) != (batch, prompts, k):
+            raise InputSpecError(f"{name}: expected shape [{batch}, {prompts}, {k}], got {list(value.shape)}")
+        if _dtype(value) != dtype:
+            raise InputSpecError(f"{name}: expected dtype {dtype}, got {_dtype(value)}")
+    finite = boxes.isfinite() if is_torch_tensor(boxes) else np.isfinite(boxes)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        raise InputSpecError(f"boxes: expected finite values (padding too), got {bad} NaN or infinite values")
+    labels = box_labels.cpu().numpy() if is_torch_tensor(box_labels) else np.asarray(box_labels)
+    if labels.size and not np.isin(labels, (0, 1)).all():
+        bad = sorted({int(v) for v in np.unique(labels)} - {0, 1})
+        raise InputSpecError(f"box_labels: expected 0 (negative) or 1 (positive), got {bad[:5]}")

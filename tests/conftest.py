@@ -139,8 +139,7 @@ _ONNXRUNTIME_ONLY = textwrap.dedent(
 
     session = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
     for i, name in enumerate(sys.argv[2:-1]):
-        feeds = dict(np.load(name))
-        outputs = session.run(None, {"images": feeds["images"], "token_ids": feeds["token_ids"]})
+        outputs = session.run(None, dict(np.load(name)))  # every input by its name
         np.savez(f"{sys.argv[-1]}-{i}.npz", *outputs)
         print([o.shape for o in outputs], flush=True)
     assert "torch" not in sys.modules and "sam3_exportable" not in sys.modules, "imported torch"
@@ -150,11 +149,15 @@ _ONNXRUNTIME_ONLY = textwrap.dedent(
 
 def run_in_onnxruntime_only(graph: Path, shapes_inputs, tmp_path: Path, timeout: int = 900):
     """Run the ``.onnx`` at ``graph`` in a new Python that imports only onnxruntime and numpy,
-    on each ``(images, token_ids)`` of ``shapes_inputs``; return each call's four outputs."""
+    on each ``(images, token_ids[, boxes, box_labels, box_valid])`` of ``shapes_inputs``;
+    return each call's four outputs."""
+    from sam3_exportable.contract import input_names
+
     names = []
-    for i, (images, token_ids) in enumerate(shapes_inputs):
+    for i, inputs in enumerate(shapes_inputs):
         names.append(str(tmp_path / f"ort-in-{i}.npz"))
-        np.savez(names[-1], images=images.numpy(), token_ids=token_ids.numpy())
+        feeds = dict(zip(input_names(len(inputs) == 5), (t.numpy() for t in inputs), strict=True))
+        np.savez(names[-1], **feeds)
     out = tmp_path / "ort-out"
     run = subprocess.run(
         [sys.executable, "-c", _ONNXRUNTIME_ONLY, str(graph), *names, str(out)],

@@ -165,8 +165,8 @@ class AotiArtifact(Artifact):
         """``torch.set_num_threads(threads)`` (process-wide)."""
         torch.set_num_threads(int(threads))
 
-    def _run(self, images: Any, token_ids: Any) -> Any:
-        return self.runner(torch.as_tensor(images), torch.as_tensor(token_ids))
+    def _run(self, *inputs: Any) -> Any:
+        return self.runner(*(torch.as_tensor(x) for x in inputs))
 
 
 #: The name of :class:`AotiArtifact` in sam3-exportable 0.1.

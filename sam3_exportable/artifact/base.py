@@ -7,7 +7,8 @@ import os
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ..contract import check_inputs
+from ..contract import check_box_inputs, check_inputs, padding_boxes
+from ..errors import InputSpecError
 from .manifest import Manifest
 
 __all__ = ["Artifact", "Outputs", "default_threads"]
@@ -26,7 +27,10 @@ def default_threads() -> int:
 
 
 class Artifact(abc.ABC):
-    """A loaded artifact: ``artifact(images, token_ids)`` returns the four outputs.
+    """A loaded artifact: ``artifact(images, token_ids)`` returns the four outputs;
+    a box-capable one (:attr:`takes_boxes`) also takes ``boxes=``, ``box_labels=`` and
+    ``box_valid=`` (all three, see :mod:`..contract`), and without them runs every pair on its
+    phrase alone (it supplies one padding slot per pair).
 
     ``images`` float32 ``[B, 3, image_size, image_size]`` and ``token_ids`` int64
     ``[P, context_length]`` (numpy arrays or torch tensors) are checked against the
@@ -44,6 +48,7 @@ class Artifact(abc.ABC):
         manifest: the validated :class:`~.manifest.Manifest`.
         path: the file it was loaded from (None for an in-memory program).
         image_size, context_length, vocab_size: the input contract.
+        takes_boxes: whether the graph takes exemplar boxes (exported with ``--boxes``).
     """
 
     kind: ClassVar[str]
@@ -55,8 +60,9 @@ class Artifact(abc.ABC):
         self.image_size = manifest.image_size
         self.context_length = manifest.context_length
         self.vocab_size: int | None = manifest.vocab_size
+        self.takes_boxes = manifest.takes_boxes
 
-    def check_inputs(self, images: Any, token_ids: Any) -> None:
+    def check_inputs(self, images: Any, token_ids: Any, *boxes: Any) -> None:
         """Raise :class:`~..errors.InputSpecError` unless the inputs fit the contract."""
         check_inputs(
             images,
@@ -65,11 +71,39 @@ class Artifact(abc.ABC):
             context_length=self.context_length,
             vocab_size=self.vocab_size,
         )
+        if boxes:
+            check_box_inputs(*boxes, batch=int(images.shape[0]), prompts=int(token_ids.shape[0]))
 
-    def __call__(self, images: Any, token_ids: Any) -> Outputs:
-        self.check_inputs(images, token_ids)
-        logits, boxes, masks, presence = self._run(images, token_ids)
-        return logits, boxes, masks, presence
+    def __call__(
+        self,
+        images: Any,
+        token_ids: Any,
+        boxes: Any = None,
+        box_labels: Any = None,
+        box_valid: Any = None,
+    ) -> Outputs:
+        given = {"boxes": boxes, "box_labels": box_labels, "box_valid": box_valid}
+        named = [name for name, value in given.items() if value is not None]
+        if named and not self.takes_boxes:
+            where = self.path or "this program"
+            raise InputSpecError(
+                f"{', '.join(named)}: expected no boxes for the text-only artifact {where}; "
+                "export it with --boxes (export_full_pipeline(model, boxes=True)) to prompt with boxes"
+            )
+        if named and len(named) < 3:
+            missing = [name for name in given if name not in named]
+            raise InputSpecError(
+                f"{', '.join(missing)}: expected with {', '.join(named)} (all three or none)"
+            )
+        self.check_inputs(images, token_ids, *[v for v in given.values() if v is not None])
+        inputs = [images, token_ids]
+        if self.takes_boxes:
+            if named:
+                inputs += [boxes, box_labels, box_valid]
+            else:
+                inputs += padding_boxes(int(images.shape[0]), int(token_ids.shape[0]), images)
+        logits, pred_boxes, masks, presence = self._run(*inputs)
+        return logits, pred_boxes, masks, presence
 
     @abc.abstractmethod
     def set_threads(self, threads: int) -> None:
@@ -77,8 +111,8 @@ class Artifact(abc.ABC):
         ``torch.set_num_threads``, process-wide)."""
 
     @abc.abstractmethod
-    def _run(self, images: Any, token_ids: Any) -> Any:
-        """The kind's runtime on checked inputs: four arrays."""
+    def _run(self, *inputs: Any) -> Any:
+        """The kind's runtime on checked inputs (the manifest's, in order): four arrays."""
 
     def __repr__(self) -> str:
         return (

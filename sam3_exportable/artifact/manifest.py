@@ -31,7 +31,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from ..contract import INPUT_NAMES, NORMALIZE_MEAN, NORMALIZE_STD, OUTPUT_NAMES
+from ..contract import BOX_INPUT_NAMES, INPUT_NAMES, NORMALIZE_MEAN, NORMALIZE_STD, OUTPUT_NAMES
 from ..errors import ArtifactError
 from ..tokenizer import BPE_VOCAB_SHA256, TOKENIZER_KIND
 from ._onnx_proto import read_metadata_prop
@@ -484,8 +484,12 @@ class Manifest:
 
     def _check_consistent(self) -> None:
         names = tuple(s.name for s in self.inputs)
-        if names[:2] != INPUT_NAMES[: len(names[:2])] or len(names) < 2:
-            raise _Invalid("inputs", f"expected the inputs {list(INPUT_NAMES)} first, got {list(names)}")
+        if names not in (INPUT_NAMES, INPUT_NAMES + BOX_INPUT_NAMES):
+            raise _Invalid(
+                "inputs",
+                f"expected the inputs {list(INPUT_NAMES)} or {list(INPUT_NAMES + BOX_INPUT_NAMES)}, "
+                f"got {list(names)}",
+            )
         if tuple(s.name for s in self.outputs) != OUTPUT_NAMES:
             raise _Invalid(
                 "outputs", f"expected the outputs {list(OUTPUT_NAMES)}, got {[s.name for s in self.outputs]}"
@@ -509,6 +513,11 @@ class Manifest:
                 )
 
     # ------------------------------------------------------------------ derived
+
+    @property
+    def takes_boxes(self) -> bool:
+        """Whether the graph takes exemplar boxes (exported with ``--boxes``)."""
+        return len(self.inputs) > len(INPUT_NAMES)
 
     @property
     def embedded(self) -> Manifest:

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch.export import ExportedProgram
 
-from ..contract import INPUT_NAMES, OUTPUT_NAMES
+from ..contract import BOX_INPUT_NAMES, OUTPUT_NAMES, input_names
 from ..errors import ArtifactError, DynamicShapeAuditError, MissingExtraError
 from .files import Staging, check_output_file
 from .manifest import (
@@ -187,9 +187,16 @@ def export_onnx(
         ),
     )
     hints = doc.size_hints
+    boxes = doc.takes_boxes
     args = synthetic_inputs(
-        doc.image_size, doc.context_length, hints.get("batch", 3), hints.get("num_prompts", 3)
+        doc.image_size,
+        doc.context_length,
+        hints.get("batch", 3),
+        hints.get("num_prompts", 3),
+        boxes=hints.get("num_boxes", 3) if boxes else None,
     )
+    per_pair = {0: "batch", 1: "num_prompts", 2: "num_boxes"}
+    shapes = ({0: "batch"}, {0: "num_prompts"}) + ((per_pair, per_pair, per_pair) if boxes else ())
     # constant folding warns once per Split it leaves alone
     with _quiet("onnxscript"), _shape_env_restored(ep):
         program = torch.onnx.export(
@@ -198,9 +205,9 @@ def export_onnx(
             dynamo=True,
             opset_version=opset,
             optimize=optimize,
-            input_names=list(INPUT_NAMES),
+            input_names=list(input_names(boxes)),
             output_names=list(OUTPUT_NAMES),
-            dynamic_shapes=({0: "batch"}, {0: "num_prompts"}),
+            dynamic_shapes=shapes,
             custom_translation_table=translation_table(),
         )
     return _publish(target, doc, program.model, force)
@@ -271,7 +278,8 @@ def audit_onnx(path: str | os.PathLike[str], *, empty_values: bool = False) -> d
     """Prove statically that the graph at ``path`` keeps its dims symbolic and well formed.
 
     Checks, without loading the weights: the inputs are ``images [batch, 3, S, S]`` and
-    ``token_ids [num_prompts, L]`` with those symbolic first dims, every output's first dim
+    ``token_ids [num_prompts, L]`` with those symbolic first dims (and, box-capable, the box
+    inputs with ``[batch, num_prompts, num_boxes]`` first), every output's first dim
     is ``batch*num_prompts``, ``onnx.checker`` passes, and (unless ``empty_values``) after
     shape inference no value has a zero-size dim: the optimizer turns such values into
     Reshapes onnxruntime refuses; an unoptimized graph keeps a few dead ones, harmlessly.
@@ -287,13 +295,17 @@ def audit_onnx(path: str | os.PathLike[str], *, empty_values: bool = False) -> d
 
     inputs = {v.name: dims(v) for v in model.graph.input}
     outputs = {v.name: dims(v) for v in model.graph.output}
-    for name, first in zip(INPUT_NAMES, ("batch", "num_prompts"), strict=True):
-        if name not in inputs or inputs[name][0] != first:
+    expected = {"images": ["batch"], "token_ids": ["num_prompts"]}
+    if "boxes" in inputs:
+        expected.update({name: ["batch", "num_prompts", "num_boxes"] for name in BOX_INPUT_NAMES})
+    for name, first in expected.items():
+        if name not in inputs or inputs[name][: len(first)] != first:
             raise DynamicShapeAuditError(
-                f"ONNX audit: expected input {name!r} with first dim {first!r}, got {inputs.get(name)}"
+                f"ONNX audit: expected input {name!r} with leading dims {first}, got {inputs.get(name)}"
             )
+    pairs = ("batch*num_prompts", "num_prompts*batch")  # the exporter names a product either way
     for name in OUTPUT_NAMES:
-        if name not in outputs or outputs[name][0] != "batch*num_prompts":
+        if name not in outputs or outputs[name][0] not in pairs:
             raise DynamicShapeAuditError(
                 f"ONNX audit: expected output {name!r} with first dim 'batch*num_prompts', "
                 f"got {outputs.get(name)}"

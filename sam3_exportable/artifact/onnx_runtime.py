@@ -81,11 +81,11 @@ class OnnxArtifact(Artifact):
             self.session = _session(_onnxruntime(), self.path, int(threads), self.providers)
             self.threads = int(threads)
 
-    def _run(self, images: Any, token_ids: Any) -> Any:
-        torch_in = is_torch_tensor(images)
+    def _run(self, *inputs: Any) -> Any:
+        torch_in = is_torch_tensor(inputs[0])
         feeds = {
-            "images": np.ascontiguousarray(images.detach().cpu().numpy() if torch_in else images),
-            "token_ids": np.ascontiguousarray(token_ids.detach().cpu().numpy() if torch_in else token_ids),
+            spec.name: np.ascontiguousarray(value.detach().cpu().numpy() if torch_in else value)
+            for spec, value in zip(self.manifest.inputs, inputs, strict=True)
         }
         outputs = self.session.run(list(OUTPUT_NAMES), feeds)
         if torch_in:  # torch is loaded already: the caller handed us its tensors

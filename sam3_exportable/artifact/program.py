@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..contract import DYNAMIC_DIMS, INPUT_NAMES, OUTPUT_NAMES
+from ..contract import BOX_INPUT_NAMES, INPUT_NAMES, OUTPUT_NAMES, dynamic_dims
 from ..errors import ArtifactError
 from .manifest import Manifest, ModelInfo, TensorSpec, new_identity, versions_record
 
@@ -75,36 +75,37 @@ def _tensor_spec(name: str, meta_val: Any) -> TensorSpec:
 def program_io(ep: torch.export.ExportedProgram) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
     """Input and output specs of an exported pipeline, named as in :mod:`..contract`.
 
-    Raises :class:`~..errors.ArtifactError` unless it has the pipeline's two inputs and four
-    outputs.
+    Raises :class:`~..errors.ArtifactError` unless it has the pipeline's two inputs (five
+    when box-capable) and four outputs.
     """
     nodes = {n.name: n for n in ep.graph.nodes}
     user_inputs = list(ep.graph_signature.user_inputs)
     output_node = next(n for n in ep.graph.nodes if n.op == "output")
     outs = output_node.args[0]
-    if len(user_inputs) != len(INPUT_NAMES) or len(outs) != len(OUTPUT_NAMES):
+    names = INPUT_NAMES + BOX_INPUT_NAMES if len(user_inputs) == 5 else INPUT_NAMES
+    if len(user_inputs) != len(names) or len(outs) != len(OUTPUT_NAMES):
         raise ArtifactError(
-            f"program: expected the SAM3 pipeline's inputs {list(INPUT_NAMES)} and outputs "
-            f"{list(OUTPUT_NAMES)}, got {len(user_inputs)} inputs and {len(outs)} outputs"
+            f"program: expected the SAM3 pipeline's inputs {list(INPUT_NAMES)} (and "
+            f"{list(BOX_INPUT_NAMES)} when box-capable) and outputs {list(OUTPUT_NAMES)}, "
+            f"got {len(user_inputs)} inputs and {len(outs)} outputs"
         )
     inputs = tuple(
-        _tensor_spec(name, nodes[node].meta["val"])
-        for name, node in zip(INPUT_NAMES, user_inputs, strict=True)
+        _tensor_spec(name, nodes[node].meta["val"]) for name, node in zip(names, user_inputs, strict=True)
     )
     outputs = tuple(_tensor_spec(name, o.meta["val"]) for name, o in zip(OUTPUT_NAMES, outs, strict=True))
-    if not all(isinstance(spec.shape[-1], int) for spec in inputs):
+    if not all(isinstance(spec.shape[-1], int) for spec in inputs[:2]):
         raise ArtifactError(f"program: expected a static image size and context length, got {inputs}")
     return inputs, outputs
 
 
 def size_hints(ep: torch.export.ExportedProgram) -> dict[str, int]:
-    """The size hint ``ep`` carries for each dim of :data:`..contract.DYNAMIC_DIMS`: the size
-    it was traced at (kept by ``torch.export.save``/``load``). AOTInductor plans its loops
-    by these. Dims that are not symbolic, or inputs the program lacks, are left out."""
+    """The size hint ``ep`` carries for each dynamic dim (:func:`..contract.dynamic_dims`): the
+    size it was traced at (kept by ``torch.export.save``/``load``). AOTInductor plans its
+    loops by these. Dims that are not symbolic, or inputs the program lacks, are left out."""
     nodes = {n.name: n for n in ep.graph.nodes}
     user_inputs = list(ep.graph_signature.user_inputs)
     hints: dict[str, int] = {}
-    for index, dim, name in DYNAMIC_DIMS:
+    for index, dim, name in dynamic_dims(boxes=True):
         if index >= len(user_inputs):
             continue
         size = nodes[user_inputs[index]].meta["val"].shape[dim]
@@ -159,11 +160,19 @@ def describe_program(
 
 
 def synthetic_inputs(
-    image_size: int, context_length: int, batch: int = 2, prompts: int = 2, seed: int = 0
-) -> tuple[torch.Tensor, torch.Tensor]:
+    image_size: int,
+    context_length: int,
+    batch: int = 2,
+    prompts: int = 2,
+    seed: int = 0,
+    boxes: int | None = None,
+) -> tuple[torch.Tensor, ...]:
     """Deterministic inputs for tests and benchmarks: images ``[batch, 3, S, S]`` float32 in
     [-1, 1] and token ids ``[prompts, L]`` int64 (start token, a few word ids, end token, zero
-    padding). The same arguments give the same tensors in any process."""
+    padding). With ``boxes=K`` also the box inputs ``[batch, prompts, K(, 4)]``: boxes inside
+    the image, labels alternating positive and negative, and pair ``n`` with
+    ``1 + n % K`` valid boxes (the rest padding). The same arguments give the same tensors in
+    any process."""
     generator = torch.Generator().manual_seed(seed)
     images = torch.rand(batch, 3, image_size, image_size, generator=generator) * 2 - 1
     tokens = torch.zeros(prompts, context_length, dtype=torch.int64)
@@ -171,4 +180,12 @@ def synthetic_inputs(
         words = torch.randint(256, 49406, (2 + p % 3,), generator=generator)
         row = [49406, *words.tolist(), 49407]
         tokens[p, : len(row)] = torch.tensor(row)
-    return images, tokens
+    if boxes is None:
+        return images, tokens
+    size = torch.rand(batch, prompts, boxes, 2, generator=generator) * 0.4 + 0.05
+    centre = size / 2 + torch.rand(batch, prompts, boxes, 2, generator=generator) * (1 - size)
+    coords = torch.cat([centre, size], dim=-1)
+    labels = (torch.arange(boxes) % 2 == 0).long().expand(batch, prompts, boxes).contiguous()
+    count = (torch.arange(batch * prompts) % boxes + 1).view(batch, prompts, 1)
+    valid = torch.arange(boxes).view(1, 1, boxes) < count
+    return images, tokens, coords, labels, valid

@@ -226,8 +226,8 @@ class Pt2Artifact(Artifact):
         """``torch.set_num_threads(threads)`` (process-wide)."""
         torch.set_num_threads(int(threads))
 
-    def _run(self, images: Any, token_ids: Any) -> Any:
-        return self.module()(torch.as_tensor(images), torch.as_tensor(token_ids))
+    def _run(self, *inputs: Any) -> Any:
+        return self.module()(*(torch.as_tensor(x) for x in inputs))
 
 
 #: The name of :class:`Pt2Artifact` in sam3-exportable 0.1.

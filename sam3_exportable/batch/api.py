@@ -8,7 +8,7 @@ import dataclasses
 import os
 import sys
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +18,12 @@ from ..artifact.files import check_output_dir
 from ..artifact.loader import load_checked
 from ..artifact.manifest import Manifest, check_file, read_manifest
 from ..errors import InputSpecError
+from ..predict.boxes import VISUAL_PHRASE
 from ..predict.images import DEFAULT_MAX_PIXELS
 from ..predict.predictor import DEFAULT_MAX_PAIRS, make_prompts, manifest_tokenizer
 from .coco import write_coco
 from .engines import import_ray, local_outcomes, ray_outcomes, ray_session
-from .inputs import expand_images
+from .inputs import expand_images, job_boxes
 from .job import Job
 from .progress import Progress
 from .segment import ImageOutcome, SegmentBatch
@@ -150,7 +151,7 @@ def _torch_threads() -> int | None:
 
 def segment_images(
     paths: Iterable[str | os.PathLike[str]],
-    phrases: Sequence[str],
+    phrases: Sequence[str | None],
     *,
     artifact: str | os.PathLike[str],
     manifest: Manifest | None = None,
@@ -172,6 +173,7 @@ def segment_images(
     strict: bool = False,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     progress: bool = True,
+    boxes: Sequence[Any] | Mapping[str, Any] | None = None,
 ) -> BatchSummary:
     """Segment every image ``paths`` and ``image_lists`` name (:func:`.inputs.expand_images`)
     by ``phrases`` with the artifact at ``artifact`` (``manifest``: its manifest when the
@@ -189,6 +191,13 @@ def segment_images(
     (or ship it: ``ray_runtime_env={"py_modules": [...]}``). Results are bitwise the same
     for either engine and any ``workers`` at the same ``batch_size``, ``max_pairs`` and
     ``threads``.
+
+    ``boxes`` (box-capable artifacts, exported with ``--boxes``): exemplar boxes, a list for
+    every image and phrase or a mapping from image path to one list per phrase
+    (:func:`.inputs.job_boxes`; each box ``(x0, y0, x1, y1[, label])`` in the image's
+    pixels); a phrase of None prompts with the boxes alone (upstream's phrase "visual", as
+    it is recorded). Each phrase's boxes are recorded in ``results.jsonl``
+    (``"prompt_boxes"``) and ``coco.json``.
 
     ``resume`` continues a previous run of the same job in ``out`` (refused, naming what
     differs, for another job): images already complete are skipped, the batches of the
@@ -212,7 +221,18 @@ def segment_images(
     images = expand_images(paths, image_lists, exclude=[target])
     artifact_path = Path(artifact)
     manifest, artifact_record = _artifact_record(artifact_path, manifest)  # the one read of the manifest
-    prompts = make_prompts(manifest_tokenizer(manifest), phrases)  # validated and tokenized once
+    box_records = job_boxes(boxes, images, phrases)
+    if box_records is not None and not manifest.takes_boxes:
+        raise InputSpecError(
+            f"--box/--boxes: expected a box-capable artifact, got the text-only {artifact}; "
+            "export it with --boxes"
+        )
+    if box_records is None and any(p is None for p in phrases):
+        raise InputSpecError(
+            "--prompt: expected a phrase, or boxes (--box, --boxes) to prompt with boxes alone"
+        )
+    named = [VISUAL_PHRASE if p is None else p for p in phrases]
+    prompts = make_prompts(manifest_tokenizer(manifest), named)  # validated and tokenized once
     phrases = list(prompts.phrases)
     if engine == "ray":
         import_ray()
@@ -229,6 +249,7 @@ def segment_images(
         masks=masks,
         overlay=overlay,
         images=tuple(str(p) for p in images),
+        boxes=box_records,
     )
     target, mode = check_output(target, job, resume=resume, force=force)
     segmenter_kwargs: dict[str, Any] = {
@@ -239,6 +260,7 @@ def segment_images(
         "masks": masks,
         "overlay": overlay,
         "max_pixels": max_pixels,
+        "boxes": box_records,
     }
     try:
         segmenter = None

@@ -1,7 +1,8 @@
 """``coco.json``: a job's results in COCO's format (what ``pycocotools.coco.COCO`` loads).
 
 * ``images``: ``{"id", "file_name", "width", "height"}`` per segmented image, ``id`` its index
-  in the job plus one, ``file_name`` its path;
+  in the job plus one, ``file_name`` its path; with exemplar boxes also ``"prompt_boxes"``,
+  per phrase the boxes it was prompted with (``{"box": [x0, y0, x1, y1], "positive"}``);
 * ``categories``: ``{"id", "name"}`` per phrase, ``id`` its position plus one;
 * ``annotations``: per kept instance ``{"id", "image_id", "category_id", "segmentation"
   (COCO RLE), "area" (mask pixels), "bbox" ([x, y, width, height] of the box), "score",
@@ -41,6 +42,8 @@ def write_coco(
                 "width": record["width"],
                 "height": record["height"],
             }
+            if any("prompt_boxes" in phrase for phrase in record["phrases"]):
+                image["prompt_boxes"] = [phrase.get("prompt_boxes", []) for phrase in record["phrases"]]
             fh.write((", " if counts["images"] else "") + json.dumps(image))
             counts["images"] += 1
         fh.write('], "annotations": [')

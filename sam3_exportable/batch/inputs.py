@@ -1,4 +1,5 @@
-"""Which image files a job segments: files, directories and glob patterns, and list files.
+"""Which image files a job segments (files, directories and glob patterns, and list files)
+and the exemplar boxes it gives them (``--box``, ``--boxes FILE.jsonl``).
 
 :func:`expand_images` gives the job's images in one deterministic order: sorted by resolved
 path, each file once however many arguments name it.
@@ -7,14 +8,17 @@ path, each file once however many arguments name it.
 from __future__ import annotations
 
 import glob
+import json
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from ..errors import InputSpecError
+from ..predict.boxes import parse_box
 from ..predict.images import IMAGE_EXTENSIONS
 
-__all__ = ["expand_images", "read_image_list"]
+__all__ = ["expand_images", "job_boxes", "read_box_file", "read_image_list"]
 
 _GLOB_CHARS = frozenset("*?[")
 
@@ -137,3 +141,100 @@ def expand_images(
             "--image: expected an image file, a directory or a pattern (or --image-list), got none"
         )
     return sorted(found, key=str)
+
+
+def _box_record(value: Any, where: str) -> list[Any]:
+    """A box validated before its image is read, as the job records it: ``[x0, y0, x1, y1,
+    positive]``."""
+    box = parse_box(value, None, None, where)
+    return [box.x0, box.y0, box.x1, box.y1, box.positive]
+
+
+def _pair_records(rows: Any, prompts: int, where: str) -> list[list[list[Any]]]:
+    if isinstance(rows, (str, bytes)) or not isinstance(rows, Sequence) or len(rows) != prompts:
+        got = len(rows) if isinstance(rows, Sequence) and not isinstance(rows, (str, bytes)) else repr(rows)
+        raise InputSpecError(f"{where}: expected one list of boxes per phrase ({prompts}), got {got}")
+    out = []
+    for j, pair in enumerate(rows):
+        if isinstance(pair, (str, bytes)) or not isinstance(pair, Sequence):
+            raise InputSpecError(f"{where}[{j}]: expected a list of boxes, got {pair!r}")
+        out.append([_box_record(b, f"{where}[{j}][{k}]") for k, b in enumerate(pair)])
+    return out
+
+
+def read_box_file(path: str | os.PathLike[str], prompts: int) -> dict[str, list[list[list[Any]]]]:
+    """The exemplar boxes a JSONL file gives per image: one line per image,
+    ``{"path": "<image>", "boxes": [[box, ...] per phrase]}``, each box ``[x0, y0, x1, y1]`` or
+    ``[x0, y0, x1, y1, label]`` in that image's pixels (label 1/true positive, 0/false
+    negative). Paths are taken as ``--image-list`` takes them (relative ones from the current
+    directory). Returns ``{resolved path: boxes}``.
+
+    Raises :class:`InputSpecError` naming the file and line for an unreadable file, a line
+    that is not such an object, a bad box, or an image named twice.
+    """
+    target = Path(path)
+    try:
+        text = target.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise InputSpecError(f"--boxes {target}: expected a readable JSONL file, got {reason}") from None
+    found: dict[str, list[list[list[Any]]]] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"--boxes {target} line {number}"
+        try:
+            doc = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputSpecError(f"{where}: expected a JSON object, got invalid JSON ({exc.msg})") from None
+        if not isinstance(doc, dict) or not isinstance(doc.get("path"), str) or "boxes" not in doc:
+            raise InputSpecError(
+                f'{where}: expected {{"path": "<image>", "boxes": [...]}}, got {line[:80]!r}'
+            )
+        key = str(Path(os.path.expanduser(doc["path"])).resolve())
+        if key in found:
+            raise InputSpecError(f"{where}: expected each image once, got {doc['path']} again")
+        found[key] = _pair_records(doc["boxes"], prompts, f"{where} boxes")
+    if not found:
+        raise InputSpecError(f"--boxes {target}: expected one line per image, got none")
+    return found
+
+
+def job_boxes(
+    boxes: Sequence[Any] | Mapping[str, Any] | None, images: Sequence[Path], phrases: Sequence[str | None]
+) -> dict[str, list[list[list[Any]]]] | None:
+    """The job's exemplar boxes by image path, validated (not yet against image sizes).
+
+    ``boxes``: a list of boxes for every image and phrase (``--box``), or a mapping from
+    image path to one list of boxes per phrase (``--boxes FILE``: :func:`read_box_file`), or
+    None. A phrase of None (boxes alone) needs boxes in every image. Raises
+    :class:`InputSpecError` for a bad box, an image of the mapping that is not in the job, or
+    a phrase of None with an image that has no box for it.
+    """
+    if boxes is None:
+        per_image = None
+    elif isinstance(boxes, Mapping):
+        known = {str(p) for p in images}
+        per_image = {}
+        for key, rows in boxes.items():
+            resolved = str(Path(os.path.expanduser(key)).resolve())
+            if resolved not in known:
+                raise InputSpecError(
+                    f"--boxes: expected boxes of the job's images, got {key}, which is not one"
+                )
+            per_image[resolved] = _pair_records(rows, len(phrases), f"boxes of {key}")
+    else:
+        if isinstance(boxes, (str, bytes)) or not isinstance(boxes, Sequence) or not boxes:
+            raise InputSpecError(f"--box: expected at least one box, got {boxes!r}")
+        every = [_box_record(b, f"--box #{k + 1}") for k, b in enumerate(boxes)]
+        per_image = {str(p): [list(every) for _ in phrases] for p in images}
+    for j, phrase in enumerate(phrases):
+        if phrase is not None:
+            continue
+        missing = [str(p) for p in images if not (per_image or {}).get(str(p), [[]] * len(phrases))[j]]
+        if missing:
+            raise InputSpecError(
+                f"--prompt: expected a phrase, or boxes for every image to prompt with boxes alone, "
+                f"got {len(missing)} image(s) without a box, e.g. {missing[0]}"
+            )
+    return per_image

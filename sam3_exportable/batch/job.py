@@ -24,7 +24,17 @@ FORMAT = "sam3-exportable/batch-job"
 FORMAT_VERSION = 1
 
 #: Job fields a continuation must share with the run it continues.
-_COMPARED = ("phrases", "threshold", "batch_size", "max_pairs", "threads", "max_pixels", "masks", "overlay")
+_COMPARED = (
+    "phrases",
+    "threshold",
+    "batch_size",
+    "max_pairs",
+    "threads",
+    "max_pixels",
+    "masks",
+    "overlay",
+    "boxes",
+)
 
 
 def _short(value: Any) -> str:
@@ -51,6 +61,7 @@ class Job:
     masks: bool
     overlay: bool
     images: tuple[str, ...]
+    boxes: dict[str, Any] | None = None
 
     @property
     def phrase_chunk(self) -> int:
@@ -96,6 +107,7 @@ class Job:
             "overlay": self.overlay,
             "plan": {"batches": len(self.batches()), "phrase_chunk": self.phrase_chunk},
             "images": list(self.images),
+            "boxes": self.boxes,
         }
 
     @classmethod
@@ -121,6 +133,7 @@ class Job:
                 masks=bool(doc["masks"]),
                 overlay=bool(doc["overlay"]),
                 images=tuple(doc["images"]),
+                boxes=None if doc.get("boxes") is None else dict(doc["boxes"]),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise OutputPathError(

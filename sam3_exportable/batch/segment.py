@@ -13,12 +13,15 @@ import dataclasses
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from ..allocator import apply_malloc_policy, peak_rss_bytes
+from ..errors import InputSpecError
+from ..predict.boxes import ExemplarBox, parse_pair_boxes
 from ..predict.images import DEFAULT_MAX_PIXELS
 from ..predict.outputs import EncodedImage, encode_image
 from ..predict.predictor import DEFAULT_MAX_PAIRS, Predictor, Prompts
@@ -98,6 +101,10 @@ class SegmentBatch:
             the driver and passes False).
         malloc: malloc policy to apply in this process (:func:`..allocator.apply_malloc_policy`);
             None changes nothing.
+        boxes: exemplar boxes by image (box-capable artifacts): ``boxes[path][j]`` the boxes
+            of that image and phrase ``j`` (:mod:`..predict.boxes`), looked up by the
+            outcome's path; an image without an entry runs on its phrases alone. A box with
+            nothing inside its image fails that image only.
 
     Raises what :func:`~..artifact.loader.load_artifact` and the tokenizer raise for a bad
     artifact or phrase, and :class:`~..errors.InputSpecError` for ``max_pairs < 1``.
@@ -116,9 +123,9 @@ class SegmentBatch:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         verify_hash: bool = True,
         malloc: str | None = None,
+        boxes: Mapping[str, Sequence[Sequence[Any]]] | None = None,
     ) -> None:
         from ..artifact.loader import as_artifact, load_artifact
-        from ..errors import InputSpecError
 
         if malloc is not None:
             apply_malloc_policy(malloc)
@@ -135,6 +142,7 @@ class SegmentBatch:
         self.threshold = float(threshold)
         self.max_pairs = int(max_pairs)
         self.masks, self.overlay = bool(masks), bool(overlay)
+        self.boxes = None if boxes is None else dict(boxes)
 
     def segment(
         self, sources: Sequence[str | os.PathLike[str] | bytes], names: Sequence[str] | None = None
@@ -154,6 +162,9 @@ class SegmentBatch:
                 images.append((i, self.predictor.load([source])[0]))
             except Exception as exc:  # a bad image is reported, never stops the batch
                 errors[i] = _one_line(exc)
+        prompt_boxes: list[list[list[ExemplarBox]]] | None = None
+        if self.boxes is not None:
+            prompt_boxes, images = self._boxes_of(images, labels, errors)
         encoded: dict[int, EncodedImage] = {}
         if images:
             try:
@@ -162,10 +173,16 @@ class SegmentBatch:
                     self.prompts,
                     threshold=self.threshold,
                     max_pairs=self.max_pairs,
+                    boxes=prompt_boxes,
                 )
-                for (i, img), pairs in zip(images, kept, strict=True):
+                for n, ((i, img), pairs) in enumerate(zip(images, kept, strict=True)):
                     encoded[i] = encode_image(
-                        img, self.phrases, pairs, masks=self.masks, overlay=self.overlay
+                        img,
+                        self.phrases,
+                        pairs,
+                        masks=self.masks,
+                        overlay=self.overlay,
+                        prompt_boxes=None if prompt_boxes is None else prompt_boxes[n],
                     )
             except Exception as exc:  # the whole batch failed (memory, runtime): every image says so
                 for i, _ in images:
@@ -183,6 +200,22 @@ class SegmentBatch:
             )
             for i in range(len(sources))
         ]
+
+    def _boxes_of(
+        self, images: list[tuple[int, Image.Image]], labels: Sequence[str], errors: dict[int, str]
+    ) -> tuple[list[list[list[ExemplarBox]]], list[tuple[int, Image.Image]]]:
+        """Each loaded image's boxes, validated against its size; an image whose boxes are
+        bad fails alone (into ``errors``). Returns the boxes and the images that remain."""
+        assert self.boxes is not None
+        parsed, kept = [], []
+        for i, img in images:
+            rows = self.boxes.get(labels[i]) or [[] for _ in self.phrases]
+            try:
+                parsed.append(parse_pair_boxes([rows], [img.size], len(self.phrases))[0])
+                kept.append((i, img))
+            except InputSpecError as exc:
+                errors[i] = _one_line(exc)
+        return parsed, kept
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """A Ray Data batch in, one row per image out (``batch_format="numpy"``).

@@ -377,7 +377,10 @@ class OutputDir:
             if self.job.masks:
                 name = self.mask_name(index, j)
                 files.append((name, encoded.mask_pngs[j]))
-            phrases.append({"phrase": entry["phrase"], "mask_png": name, "instances": entry["instances"]})
+            phrase = {"phrase": entry["phrase"], "mask_png": name, "instances": entry["instances"]}
+            if "prompt_boxes" in entry:
+                phrase["prompt_boxes"] = entry["prompt_boxes"]
+            phrases.append(phrase)
         overlay = None
         if self.job.overlay and encoded.overlay_png is not None:
             overlay = self.overlay_name(index)

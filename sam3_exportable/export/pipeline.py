@@ -10,7 +10,8 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..artifact.program import synthetic_inputs
-from ..contract import OUTPUT_NAMES, check_inputs
+from ..contract import OUTPUT_NAMES, check_box_inputs, check_inputs
+from ..errors import InputSpecError
 
 __all__ = ["OUTPUT_NAMES", "FullSam3PipelineWrapper", "is_tracing", "synthetic_inputs"]
 
@@ -26,12 +27,17 @@ def is_tracing() -> bool:
 class FullSam3PipelineWrapper(nn.Module):
     """Image encoder + text encoder + fusion encoder + decoder + segmentation head.
 
-    ``forward(images, token_ids)``:
+    ``forward(images, token_ids[, boxes, box_labels, box_valid])``:
 
     * ``images``: float32 ``[B, 3, S, S]``, already resized to ``S = image_size`` and
       normalised as upstream does (mean 0.5, std 0.5), ``B >= 1``.
     * ``token_ids``: int64 ``[P, L]``, ``L = context_length``, upstream tokenizer output
       (0 is padding), ``P >= 1``.
+    * ``boxes`` float32 ``[B, P, K, 4]``, ``box_labels`` int64 ``[B, P, K]``, ``box_valid``
+      bool ``[B, P, K]`` (optional, all three or none): each pair's exemplar boxes as
+      :mod:`~sam3_exportable.contract` describes them, grounded as upstream's
+      ``Sam3Processor.add_geometric_prompt`` does. Without them the geometric prompt is
+      upstream's empty one (text-only grounding, the program exported by default).
 
     Returns ``(pred_logits [B*P, Q, 1], pred_boxes [B*P, Q, 4] (cxcywh, normalised),
     pred_masks [B*P, Q, S/3.5, S/3.5] (logits), presence_logit_dec [B*P, 1])``, all float32,
@@ -66,9 +72,10 @@ class FullSam3PipelineWrapper(nn.Module):
             )
         self.image_size: int = int(feat[0]) * patch
 
-    def check_inputs(self, images: torch.Tensor, token_ids: torch.Tensor) -> None:
+    def check_inputs(self, images: torch.Tensor, token_ids: torch.Tensor, *boxes: torch.Tensor) -> None:
         """Raise :class:`~..errors.InputSpecError` naming the input, what was expected and
-        what came (:func:`~..contract.check_inputs`, the check every artifact applies too)."""
+        what came (:func:`~..contract.check_inputs` and, given the three box inputs,
+        :func:`~..contract.check_box_inputs`: the checks every artifact applies too)."""
         check_inputs(
             images,
             token_ids,
@@ -76,6 +83,8 @@ class FullSam3PipelineWrapper(nn.Module):
             context_length=self.context_length,
             vocab_size=self.vocab_size,
         )
+        if boxes:
+            check_box_inputs(*boxes, batch=int(images.shape[0]), prompts=int(token_ids.shape[0]))
 
     def encode_text(self, token_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """Upstream ``VETextEncoder`` on token ids (its string branch after tokenizing)."""
@@ -91,7 +100,41 @@ class FullSam3PipelineWrapper(nn.Module):
             "language_embeds": inputs_embeds.transpose(0, 1),
         }
 
-    def _ground(self, images: torch.Tensor, token_ids: torch.Tensor) -> dict[str, Any]:
+    def _geometric_prompt(self, batch: int, prompts: int, boxes: tuple[torch.Tensor, ...]) -> Any:
+        """Upstream's ``Prompt`` of the ``batch * prompts`` image-major pairs: its empty dummy prompt
+        without boxes; else the pairs' boxes, sequence-first, with valid boxes moved to the
+        front in order (upstream's right padding) and padding zeroed (a padding slot's values
+        never reach a result; finite values keep masked attention exact)."""
+        if not boxes:
+            return self.model._get_dummy_prompt(num_prompts=batch * prompts)
+        from sam3.model.geometry_encoders import Prompt
+
+        coords, labels, valid = boxes
+        slots = coords.shape[2]
+        # the box inputs' B, P, K are the images', the phrases' and each other's: said first,
+        # so the trace keeps one symbol per dim (else it guards on relations between copies)
+        for tensor in (coords, labels, valid):
+            torch._check(tensor.shape[0] == batch)
+            torch._check(tensor.shape[1] == prompts)
+            torch._check(tensor.shape[2] == slots)
+        # a stable partition (valid first): a permutation, so values are moved, never changed
+        count = valid.long()
+        front = count.sum(-1, keepdim=True)
+        slot = torch.where(valid, count.cumsum(-1) - 1, front + (1 - count).cumsum(-1) - 1)
+        coords = torch.where(valid.unsqueeze(-1), coords, torch.zeros_like(coords))
+        labels = torch.where(valid, labels, torch.ones_like(labels))
+        coords = torch.zeros_like(coords).scatter(2, slot.unsqueeze(-1).expand_as(coords), coords)
+        labels = torch.zeros_like(labels).scatter(2, slot, labels)
+        padding = torch.arange(slots, device=coords.device).view(1, 1, slots) >= front
+        # flatten(0, 1), not reshape(pairs, ...): the pair count stays the box inputs' own
+        # B * P (a reshape to the images' B times the phrases' P specializes P != 1)
+        return Prompt(
+            box_embeddings=coords.flatten(0, 1).transpose(0, 1).contiguous(),
+            box_mask=padding.flatten(0, 1),
+            box_labels=labels.flatten(0, 1).transpose(0, 1).contiguous(),
+        )
+
+    def _ground(self, images: torch.Tensor, token_ids: torch.Tensor, *boxes: torch.Tensor) -> dict[str, Any]:
         from sam3.model.data_misc import FindStage
 
         batch, prompts = images.shape[0], token_ids.shape[0]
@@ -110,7 +153,7 @@ class FullSam3PipelineWrapper(nn.Module):
             input_points=None,
             input_points_mask=None,
         )
-        geometric_prompt = self.model._get_dummy_prompt(num_prompts=batch * prompts)
+        geometric_prompt = self._geometric_prompt(batch, prompts, boxes)
         return self.model.forward_grounding(
             backbone_out=backbone_out,
             find_input=find_input,
@@ -119,10 +162,22 @@ class FullSam3PipelineWrapper(nn.Module):
         )
 
     def forward(
-        self, images: torch.Tensor, token_ids: torch.Tensor
+        self,
+        images: torch.Tensor,
+        token_ids: torch.Tensor,
+        boxes: torch.Tensor | None = None,
+        box_labels: torch.Tensor | None = None,
+        box_valid: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        given = [t is not None for t in (boxes, box_labels, box_valid)]
+        if any(given) and not all(given):
+            raise InputSpecError(
+                "boxes, box_labels, box_valid: expected all three or none, got "
+                + ", ".join(n for n, g in zip(("boxes", "box_labels", "box_valid"), given, strict=True) if g)
+            )
+        box_inputs: tuple[torch.Tensor, ...] = (boxes, box_labels, box_valid) if all(given) else ()  # type: ignore[assignment]
         if not is_tracing():
-            self.check_inputs(images, token_ids)
+            self.check_inputs(images, token_ids, *box_inputs)
         autocast = (
             torch.autocast(device_type=images.device.type, dtype=self.autocast_dtype)
             if self.autocast_dtype is not None
@@ -134,5 +189,5 @@ class FullSam3PipelineWrapper(nn.Module):
         # reproduce eager bitwise (both measured on torch 2.14.1), so none is added there.
         grad = torch.no_grad() if self.autocast_dtype is None else contextlib.nullcontext()
         with autocast, grad:
-            out = self._ground(images, token_ids)
+            out = self._ground(images, token_ids, *box_inputs)
         return tuple(out[name].float() for name in OUTPUT_NAMES)  # type: ignore[return-value]

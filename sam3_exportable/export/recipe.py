@@ -28,7 +28,7 @@ from .builders import build_info, build_model
 from .pipeline import FullSam3PipelineWrapper
 from .trace import AuditReport, audit_dynamic_shapes, example_inputs, export_full_pipeline
 
-__all__ = ["AUTOCAST", "FORMATS", "BuildRecord", "artifact_paths", "build_artifact"]
+__all__ = ["AUTOCAST", "FORMATS", "VERIFY_BOXES", "BuildRecord", "artifact_paths", "build_artifact"]
 
 #: Artifact kinds the recipe writes; ``aoti`` is compiled from the same program as ``pt2``.
 FORMATS = ("pt2", "aoti", "onnx")
@@ -81,7 +81,9 @@ class BuildRecord:
 
 def artifact_paths(out: str | os.PathLike[str], formats: Sequence[str]) -> dict[str, Path]:
     """Where each kind goes: the first of ``formats`` at ``out``, the others beside it with
-    their suffix (``build/sam3.pt2`` -> ``build/sam3.aoti.pt2``, ``build/sam3.onnx``)."""
+    their suffix (``build/sam3.pt2`` -> ``build/sam3.aoti.pt2``, ``build/sam3.onnx``).
+    Raises :class:`~..errors.InputSpecError` when two kinds would share a path
+    (``out=sam3.onnx`` with ``formats=["pt2", "onnx"]``)."""
     out = Path(out)
     name = out.name
     stem = next(
@@ -91,6 +93,14 @@ def artifact_paths(out: str | os.PathLike[str], formats: Sequence[str]) -> dict[
     paths[formats[0]] = out
     if formats[0] == "pt2" and "aoti" in formats:
         paths["aoti"] = aoti_path_for(out)
+    kinds: dict[Path, str] = {}
+    for kind, path in paths.items():
+        if path in kinds:
+            raise InputSpecError(
+                f"--out {out}: expected one file per kind, got {kinds[path]} and {kind} both at {path}; "
+                f"name --out with the suffix of the first kind ({_SUFFIXES[formats[0]]})"
+            )
+        kinds[path] = kind
     return paths
 
 
@@ -120,6 +130,10 @@ def _estimated_bytes(model: nn.Module, formats: Sequence[str]) -> int:
     return int(weights * len(formats) * 1.05)
 
 
+#: Box slots per pair of ``build_artifact(boxes=True, verify=(B, P))``.
+VERIFY_BOXES = 2
+
+
 def build_artifact(
     out: str | os.PathLike[str],
     *,
@@ -130,12 +144,13 @@ def build_artifact(
     allow_missing_keys: bool = False,
     formats: Sequence[str] = ("pt2",),
     autocast: str = "none",
-    verify: tuple[int, int] | None = None,
+    verify: tuple[int, ...] | None = None,
     force: bool = False,
     inductor_configs: dict[str, Any] | None = None,
     onnx_options: dict[str, Any] | None = None,
     quantize: str | None = None,
     stages: Stages | None = None,
+    boxes: bool = False,
 ) -> BuildRecord:
     """Build (or take ``model``), export, audit, save every kind of ``formats``, verify.
 
@@ -145,8 +160,10 @@ def build_artifact(
             ``size`` with ``checkpoint`` (or random weights from ``seed``).
         formats: kinds to write, from :data:`FORMATS` (``aoti`` needs ``pt2``).
         autocast: ``"none"``, ``"bf16"`` or ``"fp16"``: the graph runs under that autocast.
-        verify: ``(B, P)``: load each written artifact (:func:`~..artifact.loader.load_artifact`)
-            and compare it with eager on inputs of that shape (:func:`..verify.compare_parity`).
+        verify: ``(B, P)``, or ``(B, P, K)`` with ``boxes``: load each written artifact
+            (:func:`~..artifact.loader.load_artifact`) and compare it with eager on inputs of
+            that shape (:func:`..verify.compare_parity`); K defaults to
+            :data:`VERIFY_BOXES`.
         force: replace existing artifacts.
         inductor_configs: AOTInductor options (default
             :data:`..artifact.aoti.DEFAULT_INDUCTOR_CONFIGS`).
@@ -155,6 +172,8 @@ def build_artifact(
             (:func:`..artifact.onnx.quantize_onnx`) as kind ``onnx-int8`` of the record,
             at ``<stem>.int8.onnx``.
         stages: where stage timings are reported (default: silently).
+        boxes: export the box-capable program (exemplar boxes as inputs, see
+            :mod:`..contract`) instead of the text-only one.
 
     Every output path is checked (writable, not a directory, not existing unless ``force``)
     and, once the model's size is known, the free space, before the export runs. Raises
@@ -174,8 +193,9 @@ def build_artifact(
         raise InputSpecError(f"quantize: expected None or 'int8', got {quantize!r}")
     if quantize and "onnx" not in formats:
         raise InputSpecError("quantize: int8 quantizes the ONNX graph; ask for the 'onnx' format too")
-    if verify is not None and (len(verify) != 2 or min(verify) < 1):
-        raise InputSpecError(f"verify: expected (B, P) with B >= 1 and P >= 1, got {verify}")
+    shape = "(B, P) or (B, P, K)" if boxes else "(B, P)"
+    if verify is not None and (len(verify) not in ((2, 3) if boxes else (2,)) or min(verify) < 1):
+        raise InputSpecError(f"verify: expected {shape}, each >= 1, got {verify}")
     paths = artifact_paths(out, formats)
     if quantize:
         from ..artifact.onnx import int8_path_for
@@ -207,7 +227,7 @@ def build_artifact(
         )
     wrapper = FullSam3PipelineWrapper(model, autocast_dtype=dtype).eval()
     if verify is not None:
-        _check_verify_fits(wrapper, *verify)
+        _check_verify_fits(wrapper, *verify[:2])
     record_paths: dict[str, Path] = {}
     manifests: dict[str, Manifest] = {}
     programs: dict[str, torch.export.ExportedProgram] = {}
@@ -216,7 +236,7 @@ def build_artifact(
     for target in targets:
         label = "" if len(targets) == 1 else f" ({target})"
         with stages.stage(f"export{label}", f"non-strict, autocast={autocast}, patches for {target}"):
-            ep = export_full_pipeline(model, autocast_dtype=dtype, audit=False, target=target)
+            ep = export_full_pipeline(model, autocast_dtype=dtype, audit=False, target=target, boxes=boxes)
         with stages.stage(f"audit{label}"):
             report = audit_dynamic_shapes(ep)
             stages.note(report.summary())
@@ -263,9 +283,11 @@ def build_artifact(
                 stages.note(_onnx_sizes(manifests["onnx-int8"]))
     parity: dict[str, dict[str, Any]] = {}
     if verify is not None:
-        b, p = verify
-        with stages.stage("verify", f"eager vs each artifact at B={b}, P={p}"):
-            inputs = example_inputs(wrapper, b, p, seed=1)
+        b, p = verify[:2]
+        k = (verify[2] if len(verify) == 3 else VERIFY_BOXES) if boxes else None
+        at = f"B={b}, P={p}" + (f", K={k}" if k else "")
+        with stages.stage("verify", f"eager vs each artifact at {at}"):
+            inputs = example_inputs(wrapper, b, p, seed=1, boxes=k)
             with exportable_sam3(), torch.no_grad():
                 expected = wrapper(*inputs)
             for kind, path in record_paths.items():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 from collections.abc import Iterator, Sequence
 
 import sympy
@@ -13,7 +14,7 @@ from torch.export import Dim, ExportedProgram
 
 from ..artifact.manifest import ModelInfo
 from ..artifact.program import Provenance, attach_provenance
-from ..contract import DYNAMIC_DIMS
+from ..contract import DYNAMIC_DIMS, dynamic_dims
 from ..errors import DynamicShapeAuditError
 from ..patching.selection import exportable_sam3
 from .builders import build_info
@@ -22,6 +23,7 @@ from .pipeline import FullSam3PipelineWrapper, synthetic_inputs
 __all__ = [
     "DYNAMIC_DIMS",
     "EXAMPLE_BATCH",
+    "EXAMPLE_BOXES",
     "EXAMPLE_PROMPTS",
     "AuditReport",
     "audit_dynamic_shapes",
@@ -37,6 +39,8 @@ __all__ = [
 #: 3-thread hosts.
 EXAMPLE_BATCH = 3
 EXAMPLE_PROMPTS = 3
+#: Box slots per pair of the box-capable trace (>= 2 for the same reason).
+EXAMPLE_BOXES = 3
 
 # Graph ops that carry runtime constraints on symbols.
 _CONSTRAINT_OPS = {
@@ -75,9 +79,11 @@ def _bound(value: object) -> float:
 
 
 def audit_dynamic_shapes(
-    ep: ExportedProgram, dims: Sequence[tuple[int, int, str]] = DYNAMIC_DIMS
+    ep: ExportedProgram, dims: Sequence[tuple[int, int, str]] | None = None
 ) -> AuditReport:
-    """Prove that the given input dims of ``ep`` stayed dynamic with range ``[1, inf)``.
+    """Prove that the given input dims of ``ep`` (by default every dynamic dim of its kind,
+    text-only or box-capable: :func:`~..contract.dynamic_dims`) stayed dynamic with range
+    ``[1, inf)``.
 
     Checks, for each ``(user input index, dim, name)``: the placeholder's size is a
     symbol (not a specialized int, not an expression), the program's range constraint
@@ -88,6 +94,8 @@ def audit_dynamic_shapes(
     """
     placeholders = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
     user_inputs = list(ep.graph_signature.user_inputs)
+    if dims is None:
+        dims = dynamic_dims(boxes=len(user_inputs) > len(DYNAMIC_DIMS))
     symbols: dict[str, sympy.Symbol] = {}
     for index, dim, name in dims:
         if index >= len(user_inputs):
@@ -136,6 +144,7 @@ def audit_dynamic_shapes(
                 f"that must work (node {node.name})"
             )
         other.append(text)
+    _check_input_guards(ep, user_inputs, dims)
     return AuditReport(
         symbols={name: str(sym) for name, sym in symbols.items()},
         ranges=ranges,
@@ -143,14 +152,93 @@ def audit_dynamic_shapes(
     )
 
 
+#: Every size from 1 to this, in every combination, must pass the input guards.
+_GUARD_GRID = 6
+
+
+class _Sizes:
+    """What an input guard reads of an input: ``.size()[dim]``."""
+
+    def __init__(self, sizes: dict[int, int]) -> None:
+        self._sizes = sizes
+
+    def size(self) -> dict[int, int]:
+        return self._sizes
+
+
+def _check_input_guards(
+    ep: ExportedProgram, user_inputs: Sequence[str], dims: Sequence[tuple[int, int, str]]
+) -> None:
+    """Refuse input guards that reject sizes which must work.
+
+    ``torch.export`` records, besides the graph's asserts, guards on the inputs' sizes that
+    the program's module checks on every call (``ExportedProgram._guards_code``); a
+    specialization such as ``P != 1`` hides there. Each guard is evaluated with every
+    dynamic dim at every size from 1 to :data:`_GUARD_GRID` (the box inputs' dims 0 and 1
+    being ``batch`` and ``num_prompts``); one that fails anywhere raises
+    :class:`DynamicShapeAuditError` naming it and the sizes.
+    """
+    guards = tuple(getattr(ep, "_guards_code", None) or ())
+    if not guards:
+        return
+    where: dict[tuple[str, int], str] = {}
+    for index, dim, name in dims:
+        where[(user_inputs[index], dim)] = name
+    for box_input in user_inputs[2:]:
+        where[(box_input, 0)], where[(box_input, 1)] = "batch", "num_prompts"
+        where[(box_input, 2)] = "num_boxes"
+    names = sorted(set(where.values()))
+    compiled = [(guard, compile(guard, "<guard>", "eval")) for guard in guards]
+    namespace = {"__builtins__": {}, "torch": _GuardTorch}
+    for sizes in itertools.product(range(1, _GUARD_GRID + 1), repeat=len(names)):
+        value = dict(zip(names, sizes, strict=True))
+        inputs = {
+            name: _Sizes({dim: value[dim_name] for (owner, dim), dim_name in where.items() if owner == name})
+            for name in user_inputs
+        }
+        for guard, code in compiled:
+            try:
+                # torch's own guard text, made by the export in this process (never read from a file)
+                ok = eval(code, namespace, {"L": inputs})
+            except (KeyError, TypeError, ZeroDivisionError) as exc:
+                raise DynamicShapeAuditError(
+                    f"audit: cannot evaluate the input guard {guard!r}: {exc}"
+                ) from None
+            if not ok:
+                raise DynamicShapeAuditError(
+                    f"audit: input guard {guard!r} rejects {value}, sizes that must work"
+                )
+
+
+class _GuardTorch:
+    """The ``torch.sym_*`` functions guards call, on plain ints."""
+
+    sym_min = staticmethod(min)
+    sym_max = staticmethod(max)
+
+
 def example_inputs(
     wrapper: FullSam3PipelineWrapper,
     batch: int = EXAMPLE_BATCH,
     prompts: int = EXAMPLE_PROMPTS,
     seed: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`~.pipeline.synthetic_inputs` sized for ``wrapper``."""
-    return synthetic_inputs(wrapper.image_size, wrapper.context_length, batch, prompts, seed)
+    boxes: int | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """:func:`~.pipeline.synthetic_inputs` sized for ``wrapper`` (with ``boxes`` slots per
+    pair: the box-capable program's five inputs)."""
+    return synthetic_inputs(wrapper.image_size, wrapper.context_length, batch, prompts, seed, boxes)
+
+
+def dynamic_shapes_of(boxes: bool) -> tuple[dict[int, Dim], ...]:
+    """``torch.export``'s ``dynamic_shapes`` of the text-only or box-capable program: one
+    :class:`~torch.export.Dim` per name of :func:`~..contract.dynamic_dims`, shared by every
+    input that has it (a box input's dims 0 and 1 are ``batch`` and ``num_prompts``)."""
+    dims = {name: Dim(name, min=1) for _, _, name in dynamic_dims(boxes)}
+    shapes: tuple[dict[int, Dim], ...] = ({0: dims["batch"]}, {0: dims["num_prompts"]})
+    if boxes:
+        per_pair = {0: dims["batch"], 1: dims["num_prompts"], 2: dims["num_boxes"]}
+        shapes += (per_pair, dict(per_pair), dict(per_pair))
+    return shapes
 
 
 def export_full_pipeline(
@@ -163,9 +251,15 @@ def export_full_pipeline(
     patches: dict | None = None,
     audit: bool = True,
     target: str = "pt2",
+    boxes: bool = False,
+    example_boxes: int = EXAMPLE_BOXES,
 ) -> ExportedProgram:
     """Export image encoder through segmentation head as one program with dynamic
     ``batch`` (B >= 1) and ``num_prompts`` (P >= 1), inside :func:`exportable_sam3`.
+
+    With ``boxes=True`` the program is box-capable: it also takes ``boxes``, ``box_labels``
+    and ``box_valid`` with a dynamic ``num_boxes`` (K >= 1; traced at ``example_boxes``,
+    >= 2), see :mod:`..contract`.
 
     Traces with ``example_batch`` x ``example_prompts`` (both >= 2, so no branch on size 1
     is taken), then runs :func:`audit_dynamic_shapes`. ``patches`` is passed on to
@@ -188,15 +282,15 @@ def export_full_pipeline(
             "function behind each wrapt wrapper, so the runtime patches would silently not "
             "apply; use strict=False, or apply patches/*.patch to upstream and export it directly"
         )
-    if example_batch < 2 or example_prompts < 2:
+    if min(example_batch, example_prompts, example_boxes) < 2:
         raise ValueError(
-            f"export_full_pipeline: example_batch and example_prompts must be >= 2 to avoid "
-            f"size-1 specialization, got {example_batch} and {example_prompts}"
+            f"export_full_pipeline: example_batch, example_prompts and example_boxes must be >= 2 "
+            f"to avoid size-1 specialization, got {example_batch}, {example_prompts} and {example_boxes}"
         )
     model.eval()
     wrapper = FullSam3PipelineWrapper(model, autocast_dtype=autocast_dtype).eval()
-    args = example_inputs(wrapper, example_batch, example_prompts)
-    dynamic_shapes = tuple({dim: Dim(name, min=1)} for _, dim, name in DYNAMIC_DIMS)
+    args = example_inputs(wrapper, example_batch, example_prompts, boxes=example_boxes if boxes else None)
+    dynamic_shapes = dynamic_shapes_of(boxes)
     frozen = _parameters_frozen(model) if target == "onnx" else contextlib.nullcontext()
     with frozen, exportable_sam3(target=target, **(patches or {})) as session:  # type: ignore[arg-type]
         ep = torch.export.export(wrapper, args, dynamic_shapes=dynamic_shapes, strict=False)

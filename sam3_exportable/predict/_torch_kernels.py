@@ -59,7 +59,9 @@ def upsample_probabilities(low: torch.Tensor, height: int, width: int) -> torch.
     return F.interpolate(low.unsqueeze(1), (height, width), mode="bilinear", align_corners=False).sigmoid_()
 
 
-def run_inference(artifact: Any, images: Any, token_ids: Any) -> Any:
-    """``artifact(images, token_ids)`` under ``torch.inference_mode`` (token ids as a tensor)."""
+def run_inference(artifact: Any, images: Any, token_ids: Any, **boxes: Any) -> Any:
+    """``artifact(images, token_ids, **boxes)`` under ``torch.inference_mode`` (token ids and
+    box inputs as tensors)."""
     with torch.inference_mode():
-        return artifact(images, torch.as_tensor(token_ids))
+        tensors = {name: torch.as_tensor(value) for name, value in boxes.items()}
+        return artifact(images, torch.as_tensor(token_ids), **tensors)

@@ -65,7 +65,9 @@ class EncodedImage:
     """Everything written for one image.
 
     ``phrases[j]`` is ``{"phrase": str, "instances": [{"score": float, "box_xyxy": [4 floats],
-    "area": int, "rle": {"size", "counts"}}]}`` in the order the model's queries kept them;
+    "area": int, "rle": {"size", "counts"}}]}`` in the order the model's queries kept them
+    (with ``"prompt_boxes": [{"box": [x0, y0, x1, y1], "positive": bool}]`` when the phrase
+    was prompted with exemplar boxes);
     ``mask_pngs[j]`` the instance-label PNG of phrase ``j`` (``0`` background, ``k`` the
     ``k``-th instance; 8-bit, 16-bit above 255 instances), empty when masks were not asked
     for; ``overlay_png`` the overlay, None when not asked for.
@@ -111,8 +113,12 @@ def encode_image(
     *,
     masks: bool = True,
     overlay: bool = True,
+    prompt_boxes: Sequence[Sequence[Any]] | None = None,
 ) -> EncodedImage:
     """Encode ``pairs[j]`` (what phrase ``j`` kept on the RGB ``image``) as :class:`EncodedImage`.
+
+    ``prompt_boxes[j]``: the exemplar boxes phrase ``j`` was prompted with
+    (:class:`~.boxes.ExemplarBox`), recorded as ``"prompt_boxes"`` of its entry.
 
     Raises ``ValueError`` when ``pairs`` and ``phrases`` differ in length or a pair was
     post-processed for another image size.
@@ -151,7 +157,10 @@ def encode_image(
                     canvas = rgb_array(rgb)
                 _blend(canvas, inst.mask, PALETTE[j % len(PALETTE)])
                 boxes.append((j, inst.box, inst.score))
-        records.append({"phrase": phrase, "instances": instances})
+        record: dict[str, Any] = {"phrase": phrase, "instances": instances}
+        if prompt_boxes is not None:
+            record["prompt_boxes"] = [box.to_json() for box in prompt_boxes[j]]
+        records.append(record)
         if labels is not None:
             mask_pngs.append(png_bytes(Image.fromarray(labels)))
             del labels

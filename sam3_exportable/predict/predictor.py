@@ -25,6 +25,7 @@ from ..artifact.manifest import Manifest
 from ..errors import ArtifactError, InputSpecError
 from ..tokenizer import BPE_VOCAB_SHA256, Tokenizer, validate_phrases
 from ..verify import to_numpy
+from .boxes import VISUAL_PHRASE, ExemplarBox, box_inputs, parse_pair_boxes
 from .images import DEFAULT_MAX_PIXELS, ImageInput, to_rgb
 from .processing import preprocess, run_graph, select_kept, upsample_probabilities
 
@@ -241,20 +242,70 @@ class Predictor:
         artifact's array library (:func:`.processing.preprocess`)."""
         return preprocess(self.load(images), self.image_size, self.artifact.array_library)
 
-    def run(self, images: Sequence[ImageInput], phrases: Sequence[str] | str | Prompts) -> Outputs:
-        """One call of the graph for all images x phrases; raw outputs, image-major pairs."""
-        if not len(images):
+    def run(
+        self,
+        images: Sequence[ImageInput],
+        phrases: Sequence[str | None] | str | Prompts,
+        boxes: Any = None,
+    ) -> Outputs:
+        """One call of the graph for all images x phrases (and their exemplar boxes, as
+        :meth:`predict` takes them); raw outputs, image-major pairs."""
+        rgb = self.load(images)
+        if not rgb:
             raise InputSpecError("images: expected at least one image, got none")
-        prompts = self.prompts(phrases)
-        return run_graph(self.artifact, self.preprocess(images), prompts.token_ids)
+        prompts, pair_boxes = self._prompts_and_boxes(rgb, phrases, boxes)
+        pixels = preprocess(rgb, self.image_size, self.artifact.array_library)
+        return run_graph(self.artifact, pixels, prompts.token_ids, **self._box_feeds(rgb, pair_boxes))
+
+    def _prompts_and_boxes(
+        self, rgb: Sequence[Image.Image], phrases: Sequence[str | None] | str | Prompts, boxes: Any
+    ) -> tuple[Prompts, list[list[list[ExemplarBox]]] | None]:
+        """Phrases tokenized (None: boxes alone, upstream's "visual") and boxes validated.
+
+        Raises :class:`~..errors.InputSpecError` for a phrase of None without a box in every
+        image, and boxes for a text-only artifact (naming ``--boxes``)."""
+        if isinstance(phrases, Prompts):
+            names: Sequence[str | None] = phrases.phrases
+        else:
+            names = [phrases] if isinstance(phrases, str) else phrases
+        if boxes is None:
+            if any(p is None for p in names):
+                raise InputSpecError("phrases: expected a phrase, got None (boxes alone) without boxes")
+            return self.prompts(phrases), None  # type: ignore[arg-type]
+        if not self.artifact.takes_boxes:
+            raise InputSpecError(
+                f"boxes: expected no boxes for the text-only artifact {self.artifact.path or 'given'}; "
+                "export it with --boxes (export_full_pipeline(model, boxes=True)) to prompt with boxes"
+            )
+        pair_boxes = parse_pair_boxes(boxes, [img.size for img in rgb], len(names))
+        for j, phrase in enumerate(names):
+            empty = [i for i, row in enumerate(pair_boxes) if not row[j]]
+            if phrase is None and empty:
+                raise InputSpecError(
+                    f"phrases[{j}]: expected a phrase, or boxes in every image for None (boxes alone), "
+                    f"got None and no box for image(s) {empty}"
+                )
+        if isinstance(phrases, Prompts):
+            return phrases, pair_boxes
+        return self.prompts([VISUAL_PHRASE if p is None else p for p in names]), pair_boxes
+
+    def _box_feeds(
+        self, rgb: Sequence[Image.Image], pair_boxes: list[list[list[ExemplarBox]]] | None
+    ) -> dict[str, Any]:
+        """The graph's box inputs by name (none without boxes: the artifact pads)."""
+        if pair_boxes is None:
+            return {}
+        coords, labels, valid = box_inputs(pair_boxes, [img.size for img in rgb])
+        return {"boxes": coords, "box_labels": labels, "box_valid": valid}
 
     def kept_pairs(
         self,
         images: Sequence[ImageInput],
-        phrases: Sequence[str] | str | Prompts,
+        phrases: Sequence[str | None] | str | Prompts,
         *,
         threshold: float = 0.5,
         max_pairs: int | None = None,
+        boxes: Any = None,
     ) -> list[list[KeptPair]]:
         """``kept[i][j]``: what image ``i`` and phrase ``j`` keep (:func:`keep_pair`), the masks
         not yet upsampled (:meth:`KeptPair.instances` does that one at a time).
@@ -264,14 +315,16 @@ class Predictor:
         call, so a call holds at most ``max_pairs`` pairs however many phrases there are. The
         scores then differ from one call of all pairs in the last bits (other matmul sizes).
 
-        Raises :class:`~..errors.InputSpecError` for no image, a bad phrase or threshold, or
-        ``max_pairs`` below ``B``.
+        ``boxes``: exemplar boxes per image and phrase, as :meth:`predict` takes them.
+
+        Raises :class:`~..errors.InputSpecError` for no image, a bad phrase, box or threshold,
+        or ``max_pairs`` below ``B``.
         """
         _check_threshold(threshold)
-        prompts = self.prompts(phrases)
         rgb = self.load(images)
         if not rgb:
             raise InputSpecError("images: expected at least one image, got none")
+        prompts, pair_boxes = self._prompts_and_boxes(rgb, phrases, boxes)
         chunk = len(prompts)
         if max_pairs is not None:
             if max_pairs < len(rgb):
@@ -283,7 +336,8 @@ class Predictor:
         kept: list[list[KeptPair]] = [[] for _ in rgb]
         for start in range(0, len(prompts), chunk):
             ids = prompts.chunk(start, chunk)
-            outputs = run_graph(self.artifact, pixels, ids)
+            chunk_boxes = None if pair_boxes is None else [row[start : start + chunk] for row in pair_boxes]
+            outputs = run_graph(self.artifact, pixels, ids, **self._box_feeds(rgb, chunk_boxes))
             n = ids.shape[0]
             for i, img in enumerate(rgb):
                 for k in range(i * n, (i + 1) * n):
@@ -294,14 +348,27 @@ class Predictor:
     def predict(
         self,
         images: Sequence[ImageInput],
-        phrases: Sequence[str] | str | Prompts,
+        phrases: Sequence[str | None] | str | Prompts,
         threshold: float = 0.5,
+        *,
+        boxes: Any = None,
     ) -> list[list[PairResult]]:
-        """Return ``results[i][j]`` for image ``i`` and phrase ``j`` (upstream post-processing)."""
+        """Return ``results[i][j]`` for image ``i`` and phrase ``j`` (upstream post-processing).
+
+        ``boxes`` (box-capable artifacts, exported with ``--boxes``): ``boxes[i][j]`` is the
+        list of exemplar boxes of image ``i`` and phrase ``j`` in that image's pixels, each
+        ``(x0, y0, x1, y1)`` (positive) or ``(x0, y0, x1, y1, label)`` with label True/1
+        positive, False/0 negative (:mod:`.boxes`: validated, clipped to the image). A phrase
+        of None means boxes alone (upstream's "visual" phrase). Raises
+        :class:`~..errors.InputSpecError` naming a bad image, phrase, box or threshold.
+        """
         _check_threshold(threshold)
-        prompts = self.prompts(phrases)
         rgb = self.load(images)
-        outputs = self.run(rgb, prompts)
+        if not rgb:
+            raise InputSpecError("images: expected at least one image, got none")
+        prompts, pair_boxes = self._prompts_and_boxes(rgb, phrases, boxes)
+        pixels = preprocess(rgb, self.image_size, self.artifact.array_library)
+        outputs = run_graph(self.artifact, pixels, prompts.token_ids, **self._box_feeds(rgb, pair_boxes))
         results = []
         for i, img in enumerate(rgb):
             row = []

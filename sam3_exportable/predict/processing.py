@@ -35,12 +35,13 @@ def _torch_kernels() -> Any:
     return importlib.import_module(_TORCH_KERNELS)
 
 
-def run_graph(artifact: Any, images: Any, token_ids: Any) -> Any:
-    """``artifact(images, token_ids)``; for torch kinds under ``torch.inference_mode`` as
-    upstream's processor runs its model."""
+def run_graph(artifact: Any, images: Any, token_ids: Any, **boxes: Any) -> Any:
+    """``artifact(images, token_ids, **boxes)`` (``boxes``: the box inputs by name, numpy,
+    or none); for torch kinds under ``torch.inference_mode`` as upstream's processor runs
+    its model."""
     if artifact.array_library == "torch":
-        return _torch_kernels().run_inference(artifact, images, token_ids)
-    return artifact(images, token_ids)
+        return _torch_kernels().run_inference(artifact, images, token_ids, **boxes)
+    return artifact(images, token_ids, **boxes)
 
 
 def preprocess(images: Sequence[Image.Image], size: int, library: str) -> Any:
