@@ -53,7 +53,7 @@ def _shape(text: str) -> tuple[int, ...]:
     if len(sizes) not in (2, 3):
         raise argparse.ArgumentTypeError(f"expected B,P or B,P,K (integers), got {text!r}")
     if min(sizes) < 1:
-        raise argparse.ArgumentTypeError(f"expected every size >= 1, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected B >= 1 and P >= 1 (and K >= 1), got {text!r}")
     return sizes
 
 

@@ -220,7 +220,7 @@ def job_boxes(
             resolved = str(Path(os.path.expanduser(key)).resolve())
             if resolved not in known:
                 raise InputSpecError(
-                    f"--boxes: expected boxes of the job's images, got {key}, which is not one"
+                    f"--boxes: expected boxes of the job's images, got {key}, not one of them"
                 )
             per_image[resolved] = _pair_records(rows, len(phrases), f"boxes of {key}")
     else:
