@@ -11,10 +11,18 @@ from ..contract import check_box_inputs, check_inputs, padding_boxes
 from ..errors import InputSpecError
 from .manifest import Manifest
 
-__all__ = ["Artifact", "Outputs", "default_threads"]
+__all__ = ["Artifact", "Outputs", "default_threads", "text_only_refusal"]
 
 #: ``(pred_logits, pred_boxes, pred_masks, presence_logit_dec)``, see :mod:`..contract`.
 Outputs = tuple[Any, Any, Any, Any]
+
+
+def text_only_refusal(what: str, where: Any) -> InputSpecError:
+    """The one refusal of boxes for a text-only artifact: ``what`` names the input given."""
+    return InputSpecError(
+        f"{what}: expected no boxes for the text-only artifact {where}; "
+        "export it with --boxes (export_full_pipeline(model, boxes=True)) to prompt with boxes"
+    )
 
 
 def default_threads() -> int:
@@ -85,11 +93,7 @@ class Artifact(abc.ABC):
         given = {"boxes": boxes, "box_labels": box_labels, "box_valid": box_valid}
         named = [name for name, value in given.items() if value is not None]
         if named and not self.takes_boxes:
-            where = self.path or "this program"
-            raise InputSpecError(
-                f"{', '.join(named)}: expected no boxes for the text-only artifact {where}; "
-                "export it with --boxes (export_full_pipeline(model, boxes=True)) to prompt with boxes"
-            )
+            raise text_only_refusal(", ".join(named), self.path or "this program")
         if named and len(named) < 3:
             missing = [name for name in given if name not in named]
             raise InputSpecError(

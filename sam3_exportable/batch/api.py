@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..allocator import current_malloc_policy
-from ..artifact.base import Artifact, default_threads
+from ..artifact.base import Artifact, default_threads, text_only_refusal
 from ..artifact.files import check_output_dir
 from ..artifact.loader import load_checked
 from ..artifact.manifest import Manifest, check_file, read_manifest
@@ -223,10 +223,7 @@ def segment_images(
     manifest, artifact_record = _artifact_record(artifact_path, manifest)  # the one read of the manifest
     box_records = job_boxes(boxes, images, phrases)
     if box_records is not None and not manifest.takes_boxes:
-        raise InputSpecError(
-            f"--box/--boxes: expected a box-capable artifact, got the text-only {artifact}; "
-            "export it with --boxes"
-        )
+        raise text_only_refusal("--box/--boxes", artifact)
     if box_records is None and any(p is None for p in phrases):
         raise InputSpecError(
             "--prompt: expected a phrase, or boxes (--box, --boxes) to prompt with boxes alone"

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..artifact.base import Artifact, Outputs
+from ..artifact.base import Artifact, Outputs, text_only_refusal
 from ..artifact.loader import as_artifact
 from ..artifact.manifest import Manifest
 from ..errors import ArtifactError, InputSpecError
@@ -273,10 +273,7 @@ class Predictor:
                 raise InputSpecError("phrases: expected a phrase, got None (boxes alone) without boxes")
             return self.prompts(phrases), None  # type: ignore[arg-type]
         if not self.artifact.takes_boxes:
-            raise InputSpecError(
-                f"boxes: expected no boxes for the text-only artifact {self.artifact.path or 'given'}; "
-                "export it with --boxes (export_full_pipeline(model, boxes=True)) to prompt with boxes"
-            )
+            raise text_only_refusal("boxes", self.artifact.path or "given")
         pair_boxes = parse_pair_boxes(boxes, [img.size for img in rgb], len(names))
         for j, phrase in enumerate(names):
             empty = [i for i, row in enumerate(pair_boxes) if not row[j]]
