@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import textwrap
@@ -102,6 +103,18 @@ _FRESH_PROCESS = textwrap.dedent(
     assert "sam3" not in sys.modules and "sam3_exportable" not in sys.modules, "imported sam3"
     """
 )
+
+
+def _sigint_at_its_default() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def spawn_interruptible(args: list[str], **kwargs) -> subprocess.Popen:
+    """``subprocess.Popen(args, **kwargs)`` with SIGINT at its default in the child, as an
+    interactive user's command has it. A shell without job control starts background jobs
+    with SIGINT ignored (``pytest ... &`` in a script), Python keeps it ignored and so would
+    every child: a test that sends SIGINT would then wait for a child that never hears it."""
+    return subprocess.Popen(args, preexec_fn=_sigint_at_its_default, **kwargs)
 
 
 def run_in_fresh_process(artifact: Path, inputs, tmp_path: Path, timeout: int = 900):
