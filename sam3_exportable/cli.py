@@ -556,7 +556,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--skip",
         type=_name_list,
-        help="comma-separated sections to leave out: loads, allocator, scaling, profiles, throughput",
+        help="comma-separated sections to leave out: loads, allocator, scaling, profiles, throughput, boxes",
     )
     again_bench = bench.add_mutually_exclusive_group()
     again_bench.add_argument("--resume", action="store_true", help="continue OUT/results.json")

@@ -73,6 +73,25 @@ def onnx_pair(onnx_record) -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="session")
+def box_onnx_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(the tiny box-capable ONNX graph, its int8 quantization), written as a user writes them:
+    ``export --boxes --format onnx --quantize int8 --verify 1,2,2``; shared, never modify."""
+    import contextlib
+    import io
+
+    from sam3_exportable.cli import main
+
+    out = tmp_path_factory.mktemp("boxes-onnx") / "tiny-boxes.onnx"
+    args = ["export", "--size", "tiny", "--random-weights", "--malloc", "default", "--boxes"]
+    args += ["--format", "onnx", "--quantize", "int8", "--out", str(out), "--verify", "1,2,2"]
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        status = main([*args, "--threads", str(torch.get_num_threads())])
+    assert status == 0, err.getvalue()
+    return out, out.with_name("tiny-boxes.int8.onnx")
+
+
+@pytest.fixture(scope="session")
 def tiny_bf16_ep(tiny_model: torch.nn.Module) -> torch.export.ExportedProgram:
     """The tiny pipeline exported under bf16 autocast (fp32 in and out)."""
     return export_full_pipeline(tiny_model, autocast_dtype=torch.bfloat16)
@@ -189,4 +208,5 @@ __all__ = [
     "example_inputs",
     "run_in_fresh_process",
     "run_in_onnxruntime_only",
+    "spawn_interruptible",
 ]

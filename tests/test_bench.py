@@ -129,6 +129,8 @@ def test_narrowed_plans_keep_what_was_asked_and_refuse_the_rest(capsys) -> None:
     assert plan.matrix == {"eager": [(1, 1), (2, 3)], "bf16": [(1, 1), (4, 1)], "onnx": [(1, 1), (2, 3)]}
     assert plan.runs == 2 and plan.profiles == [] and not plan.allocator_baseline and not plan.aoti
     assert plan.throughput == full.throughput and plan.scaling_prompts == full.scaling_prompts
+    assert plan.box_counts == full.box_counts == [1, 4, 16]
+    assert narrowed(full, skip=["boxes"]).box_counts == []
     assert narrowed(full, variants=["exported"]).profiles == [("exported", 1, 1), ("exported", 2, 1)]
     with pytest.raises(ValueError, match=r"--variants: expected some of eager, .*got fp64"):
         narrowed(full, variants=["fp64"])
@@ -165,7 +167,7 @@ def test_quick_bench_writes_results_and_plots(quick_run: tuple[Path, int]) -> No
     out, status = quick_run
     assert status == 0
     doc = json.loads((out / "results.json").read_text())
-    assert doc["schema"] == SCHEMA and doc["schema_version"] == 3
+    assert doc["schema"] == SCHEMA and doc["schema_version"] == 4
     assert doc["size"] == "tiny" and doc["quick"] is True
     for key in ("torch", "sam3", "torchvision", "python"):
         assert doc["versions"][key]
@@ -259,6 +261,24 @@ def test_quick_bench_measures_batch_throughput(quick_run: tuple[Path, int]) -> N
         assert all(0 < v < 64 for v in row["worker_peak_rss_gib"]) and row["driver_peak_rss_gib"] > 0
         assert ("speed_vs_local" in row) == (row["engine"] == "ray")
     assert "## Throughput (segment_images, one image per batch)" in (out / "summary.md").read_text()
+
+
+def test_quick_bench_times_exemplar_boxes(quick_run: tuple[Path, int]) -> None:
+    out, _ = quick_run
+    doc = json.loads((out / "results.json").read_text())
+    section = doc["boxes"]
+    assert [r["boxes"] for r in section["rows"]] == ["text-only", "padding", 1, 4]
+    for row in section["rows"]:
+        assert row["seconds"] > 0 and row["ratio_to_text_only"] > 0, row
+        assert (row["boxes"] == "text-only") == ("geometry_share" not in row)
+    assert section["rows"][0]["ratio_to_text_only"] == 1.0
+    assert all(0 < r["geometry_share"] < 1 for r in section["rows"][1:])
+    assert all(f"{dim}=" in section["audit"] for dim in ("batch", "num_prompts", "num_boxes"))
+    assert section["audit"].count(":[1, inf]") == 3
+    geometry = doc["jobs"]["boxes/geometry"]["by_boxes"]
+    assert set(geometry) == {"none", "1", "4"} and all(v["geometry_s"] > 0 for v in geometry.values())
+    summary = (out / "summary.md").read_text()
+    assert "## Exemplar boxes (1 image x 1 phrase)" in summary and "| K = 4 |" in summary
 
 
 def test_bf16_targets_are_not_applicable_where_bf16_is_emulated(quick_run: tuple[Path, int]) -> None:

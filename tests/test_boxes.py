@@ -186,14 +186,9 @@ def test_the_audit_catches_a_guard_that_specializes() -> None:
 
 
 def test_the_onnx_kind_runs_with_onnxruntime_only_and_matches_the_pt2(
-    box_pt2, tiny_wrapper, tmp_path_factory
+    box_pt2, box_onnx_pair, tiny_wrapper, tmp_path
 ) -> None:
-    out = tmp_path_factory.mktemp("boxes-onnx") / "tiny-boxes.onnx"
-    err = io.StringIO()
-    args = [*TINY_EXPORT, "--boxes", "--format", "onnx", "--out", str(out), "--verify", "1,2,2"]
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
-        status = main([*args, "--threads", str(torch.get_num_threads())])
-    assert status == 0, err.getvalue()
+    out, int8 = box_onnx_pair
     manifest = read_manifest(out)
     assert [s.name for s in manifest.inputs][2:] == ["boxes", "box_labels", "box_valid"]
     batch, prompts = manifest.inputs[0].shape[0], manifest.inputs[1].shape[0]
@@ -202,16 +197,23 @@ def test_the_onnx_kind_runs_with_onnxruntime_only_and_matches_the_pt2(
         batch,
         prompts,
     )
+    assert read_manifest(int8).inputs == manifest.inputs and load_artifact(int8).takes_boxes
     shapes = [(1, 1, 1), (2, 3, 4)]  # traced at 3 x 3 x 3
     inputs = [example_inputs(tiny_wrapper, b, p, seed=13, boxes=k) for b, p, k in shapes]
-    got = run_in_onnxruntime_only(out, inputs, tmp_path_factory.mktemp("ort"), timeout=300)
+    padded = [(*x[:2], *padding_boxes(x[0].shape[0], x[1].shape[0], x[0])) for x in inputs]
+    got = run_in_onnxruntime_only(out, inputs, tmp_path, timeout=300)
+    got_int8 = run_in_onnxruntime_only(int8, [*inputs, *padded], tmp_path, timeout=300)
     reference = load_artifact(box_pt2)
-    for shape, x, onnx_out in zip(shapes, inputs, got, strict=True):
+    for shape, x, onnx_out, int8_out in zip(shapes, inputs, got, got_int8[:2], strict=True):
         with torch.inference_mode():
             expected = reference(*x)
         for name, a, b in zip(("logits", "boxes", "masks", "presence"), expected, onnx_out, strict=True):
             bound = ONNX_MASK_BOUND if name == "masks" else ONNX_BOUND
             assert float((a - b).abs().max()) <= bound, (shape, name)
+        assert [tuple(o.shape) for o in int8_out] == [tuple(o.shape) for o in expected], shape
+        assert all(bool(torch.isfinite(o).all()) for o in int8_out), shape
+    for with_boxes, without in zip(got_int8[:2], got_int8[2:], strict=True):
+        assert not torch.equal(with_boxes[0], without[0])  # the int8 graph reads the boxes
 
 
 def test_text_only_artifacts_refuse_boxes_and_box_artifacts_pad(tiny_artifact, box_pt2, tiny_wrapper) -> None:

@@ -167,3 +167,66 @@ def test_full_onnx_in_an_onnxruntime_only_process_within_bounds(
         assert exceeded_bounds(parity, FULL_ONNX_BOUNDS) == {}, parity["max_abs_diff"]
         assert same_instances(parity), parity
         assert parity["kept_at_top10"]["kept"] == 10 * batch * prompts
+
+
+# -- exemplar boxes at full size -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def full_box_ep(full_wrapper) -> torch.export.ExportedProgram:
+    return export_full_pipeline(full_wrapper.model, boxes=True)
+
+
+def test_full_box_program_is_audited_and_bitwise_eager(full_wrapper, full_box_ep) -> None:
+    """(B, P, K) = (1, 1, 2): one positive and one negative box, both valid (traced at K = 3)."""
+    report = audit_dynamic_shapes(full_box_ep)
+    inf = float("inf")
+    assert report.ranges == {"batch": (1, inf), "num_prompts": (1, inf), "num_boxes": (1, inf)}
+    images, tokens, boxes, labels, valid = example_inputs(full_wrapper, 1, 1, seed=21, boxes=2)
+    valid = torch.ones_like(valid)
+    assert labels.tolist() == [[[1, 0]]]
+    expected = eager(full_wrapper, images, tokens, boxes, labels, valid)
+    assert_bitwise(expected, full_box_ep.module()(images, tokens, boxes, labels, valid))
+    assert not torch.equal(expected[0], _eager(full_wrapper, 1, 1)[0])  # the boxes count
+
+
+def test_full_predict_box_equals_upstream_processor(full_wrapper, full_box_ep, tmp_path: Path) -> None:
+    """`predict --box --negative-box` with the saved box-capable artifact against upstream's
+    Sam3Processor (set_image, set_text_prompt, add_geometric_prompt per box), same threads."""
+    import contextlib
+    import io
+
+    import matplotlib.cbook
+    from sam3.model.sam3_image_processor import Sam3Processor
+
+    from sam3_exportable.cli import main
+    from sam3_exportable.predict.boxes import parse_box
+
+    artifact = tmp_path / "sam3-boxes.pt2"
+    save_pipeline(full_box_ep, artifact)
+    path = Path(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
+    boxes = ["100,50,400,500", "0,400,150,600"]
+    out, threads = tmp_path / "out", torch.get_num_threads()
+    args = ["predict", "--model", str(artifact), "--image", str(path), "--prompt", "a person"]
+    args += ["--box", boxes[0], "--negative-box", boxes[1], "--out", str(out), "--threshold", "0.0"]
+    args += ["--threads", str(threads), "--malloc", "default", "--no-overlay"]
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            assert main(args) == 0, err.getvalue()
+    finally:
+        torch.set_num_threads(threads)
+    (line,) = [json.loads(text) for text in (out / "results.jsonl").read_text().splitlines()]
+    (phrase,) = line["phrases"]
+    assert [b["positive"] for b in phrase["prompt_boxes"]] == [True, False]
+    image = load_image(path)
+    with s3e.exportable_sam3():
+        processor = Sam3Processor(full_wrapper.model, resolution=1008, device="cpu")
+        processor.confidence_threshold = 0.0
+        state = processor.set_text_prompt("a person", processor.set_image(image))
+        for value, positive in zip(boxes, (True, False), strict=True):
+            box = parse_box([float(v) for v in value.split(",")], image.width, image.height, "box")
+            state = processor.add_geometric_prompt(list(box.normalized_cxcywh(*image.size)), positive, state)
+    assert len(phrase["instances"]) == 200
+    assert [i["score"] for i in phrase["instances"]] == state["scores"].tolist()
+    assert [i["box_xyxy"] for i in phrase["instances"]] == state["boxes"].tolist()

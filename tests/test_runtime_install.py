@@ -63,23 +63,23 @@ def test_torch_and_sam3_are_not_importable(venv: Path) -> None:
         assert probe.returncode != 0 and "ModuleNotFoundError" in probe.stderr, module
 
 
-def _predict_args(model: Path, images: Path, out: Path) -> list[str]:
+PHRASES = ("a dog", "a cat")
+
+
+def _predict_args(model: Path, images: Path, out: Path, phrases: tuple[str, ...] = PHRASES) -> list[str]:
+    prompts = [a for phrase in phrases for a in ("--prompt", phrase)]
     return [
-        "predict", "--model", str(model), "--image", str(images), "--prompt", "a dog", "--prompt", "a cat",
+        "predict", "--model", str(model), "--image", str(images), *prompts,
         "--out", str(out), "--threshold", "0.02", "--threads", "2", "--malloc", "default",
     ]  # fmt: skip
 
 
-def test_predict_over_a_folder_gives_the_full_installs_results(
-    venv: Path, onnx_pair, images: Path, tmp_path: Path
-) -> None:
-    graph = onnx_pair[0]
-    runtime = _run([str(venv / "bin" / "sam3-exportable"), *_predict_args(graph, images, tmp_path / "rt")])
-    assert runtime.returncode == 0, runtime.stderr[-3000:]
-    assert main(_predict_args(graph, images, tmp_path / "full")) == 0
-    ours = (tmp_path / "rt" / "results.jsonl").read_text().splitlines()
-    full = (tmp_path / "full" / "results.jsonl").read_text().splitlines()
-    assert len(ours) == len(full) == 3
+def _assert_alike(runtime_out: Path, full_out: Path, count: int) -> int:
+    """The runtime install's results.jsonl against the full install's, line by line; returns
+    the instances kept."""
+    ours = (runtime_out / "results.jsonl").read_text().splitlines()
+    full = (full_out / "results.jsonl").read_text().splitlines()
+    assert len(ours) == len(full) == count
     kept = 0
     for a, b in zip(ours, full, strict=True):
         # the same numpy path and threads; the venv may resolve another numpy or onnxruntime
@@ -91,15 +91,45 @@ def test_predict_over_a_folder_gives_the_full_installs_results(
         }
         for pa, pb in zip(a["phrases"], b["phrases"], strict=True):
             assert len(pa["instances"]) == len(pb["instances"]) and pa["phrase"] == pb["phrase"]
+            assert pa.get("prompt_boxes") == pb.get("prompt_boxes")
             for ia, ib in zip(pa["instances"], pb["instances"], strict=True):
                 assert abs(ia["score"] - ib["score"]) <= 1e-6
                 assert max(abs(x - y) for x, y in zip(ia["box_xyxy"], ib["box_xyxy"], strict=True)) <= 1e-3
                 mask_a, mask_b = mask_utils.decode(ia["rle"]), mask_utils.decode(ib["rle"])
                 assert int((mask_a != mask_b).sum()) <= max(1, mask_a.size // 1000)
         kept += sum(len(p["instances"]) for p in a["phrases"])
+    return kept
+
+
+def test_predict_over_a_folder_gives_the_full_installs_results(
+    venv: Path, onnx_pair, images: Path, tmp_path: Path
+) -> None:
+    graph = onnx_pair[0]
+    runtime = _run([str(venv / "bin" / "sam3-exportable"), *_predict_args(graph, images, tmp_path / "rt")])
+    assert runtime.returncode == 0, runtime.stderr[-3000:]
+    assert main(_predict_args(graph, images, tmp_path / "full")) == 0
+    kept = _assert_alike(tmp_path / "rt", tmp_path / "full", 3)
     assert kept > 0
     coco = json.loads((tmp_path / "rt" / "coco.json").read_text())
     assert len(coco["images"]) == 3 and len(coco["annotations"]) == kept
+
+
+def test_exemplar_boxes_run_without_torch(venv: Path, box_onnx_pair, images: Path, tmp_path: Path) -> None:
+    """A box-capable ONNX artifact with --box / --negative-box, and boxes alone, in the runtime
+    install: the full install's results within the same bounds, prompt boxes recorded."""
+    for name, phrases in (("text", PHRASES), ("alone", ())):  # alone: no --prompt
+        args = _predict_args(box_onnx_pair[0], images, tmp_path / f"rt-{name}", phrases)
+        args += ["--box", "5,5,40,40", "--negative-box", "30,10,60,50"]
+        runtime = _run([str(venv / "bin" / "sam3-exportable"), *args])
+        assert runtime.returncode == 0, runtime.stderr[-3000:]
+        full = [*args]
+        full[full.index("--out") + 1] = str(tmp_path / f"full-{name}")
+        assert main(full) == 0
+        _assert_alike(tmp_path / f"rt-{name}", tmp_path / f"full-{name}", 3)
+        line = json.loads((tmp_path / f"rt-{name}" / "results.jsonl").read_text().splitlines()[0])
+        phrases = [p["phrase"] for p in line["phrases"]]
+        assert phrases == (["a dog", "a cat"] if name == "text" else ["visual"])
+        assert [b["positive"] for b in line["phrases"][0]["prompt_boxes"]] == [True, False]
 
 
 _PYTHON_API = """

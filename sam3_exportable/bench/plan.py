@@ -136,6 +136,9 @@ class BenchPlan:
     throughput_images: int = 0
     throughput_image_size: tuple[int, int] = (480, 640)
     throughput_phrases: list[str] = dataclasses.field(default_factory=lambda: ["a dog", "a cat"])
+    #: exemplar boxes per pair of each box-capable latency job at (1,1) (:mod:`.boxes`);
+    #: empty: no box section
+    box_counts: list[int] = dataclasses.field(default_factory=list)
 
     @property
     def variants(self) -> list[str]:
@@ -178,6 +181,10 @@ def plan_for(
     points beyond those are single cold runs of the exported ``.pt2``, taken in order of
     importance (P=32 first: it carries the memory target) while their predicted cost fits
     ``scaling_budget_s`` (default 600 s).
+
+    Exemplar boxes (:mod:`.boxes`): the box-capable ``.pt2`` at (1,1) without boxes and with
+    K = 1, 4, 16 boxes per pair (``--quick``: 1, 4) against the text-only one, and the
+    geometry encoder's share of an eager forward.
 
     Throughput (:mod:`.throughput`): ``segment_images`` over the same images with the local
     engine and with Ray at 1 and 2 workers, at the same total threads: tiny 16 images (4 with
@@ -224,6 +231,7 @@ def plan_for(
         "malloc": malloc,
         # the local engine, then Ray at the same total threads: one worker, then two
         "throughput": [("local", 1, threads), ("ray", 1, threads), ("ray", 2, max(1, threads // 2))],
+        "box_counts": [1, 4] if quick else [1, 4, 16],
     }
     if size == "tiny":
         return BenchPlan(
@@ -261,7 +269,7 @@ def plan_for(
 
 
 #: Sections of a plan that :func:`narrowed` can leave out.
-SECTIONS = ("loads", "allocator", "scaling", "profiles", "throughput")
+SECTIONS = ("loads", "allocator", "scaling", "profiles", "throughput", "boxes")
 
 
 def narrowed(
@@ -315,4 +323,6 @@ def narrowed(
         changes["profiles"] = [(v, b, p) for v, b, p in plan.profiles if v in matrix]
     if "throughput" in skip:
         changes.update(throughput=[], throughput_images=0)
+    if "boxes" in skip:
+        changes["box_counts"] = []
     return dataclasses.replace(plan, **changes)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..contract import OUTPUT_NAMES
+from .boxes import boxes_lines
 from .host import capability_line
 from .plan import PROFILE_LOAD
 from .summary import TARGET_COMPARISONS
@@ -281,6 +282,7 @@ def markdown_summary(doc: dict[str, Any]) -> str:
         )
     lines += _onnx_lines(doc.get("onnx", {}))
     lines += throughput_lines(doc.get("throughput"))
+    lines += boxes_lines(doc.get("boxes"))
     for name, prof in doc.get("jobs", {}).items():
         if not name.startswith("profile/") or name == PROFILE_LOAD or not prof.get("top_ops_by_self_cpu"):
             continue

@@ -29,6 +29,7 @@ import torch
 from ..artifact.files import atomic_write
 from ..artifact.manifest import versions_record
 from ..errors import OutputExistsError
+from .boxes import BOX_ARTIFACT, BOX_EXPORT, GEOMETRY_SHARE, box_latency_key
 from .host import machine_info
 from .plan import (
     ALLOCATOR_BASELINE,
@@ -53,7 +54,9 @@ from .summary import summarize
 __all__ = ["SCHEMA", "SCHEMA_VERSION", "BenchRun", "run_bench"]
 
 SCHEMA = "sam3-exportable/bench"
-SCHEMA_VERSION = 3  # 3: plan.matrix and plan.profiles, targets with applies_to, machine.cpu_flags as a dict
+#: 4: plan.box_counts and the boxes section; 3: plan.matrix and plan.profiles, targets with
+#: applies_to, machine.cpu_flags as a dict
+SCHEMA_VERSION = 4
 
 
 class BenchRun:
@@ -216,6 +219,7 @@ class BenchRun:
         self._scaling(fp32)
         self._profiles()
         self._throughput(fp32)
+        self._boxes(fp32)
         self.doc["total_wall_s"] = self.doc.get("total_wall_s", 0.0) + time.perf_counter() - start
         summarize(self.doc, plan, self.read_outputs)
         self.save()
@@ -403,6 +407,23 @@ class BenchRun:
                 "work": str(self.work_dir),
             }
             self.job(throughput_key(engine, workers, threads), spec)
+
+    def _boxes(self, fp32: Path) -> None:
+        """The box-capable ``.pt2`` against the text-only one at (1,1) (:mod:`.boxes`)."""
+        plan = self.plan
+        if not plan.box_counts:
+            return
+        boxed = self.artifact(BOX_ARTIFACT)
+        export = self.job(BOX_EXPORT, {"job": "export", "boxes": True, "out": str(boxed)})
+        common = {"job": "latency", "shape": [1, 1], "warmup": plan.warmup, "runs": plan.runs}
+        self.job(box_latency_key("text-only"), {**common, "variant": "exported", "path": str(fp32)})
+        if "error" in export:
+            return
+        self.job(box_latency_key("padding"), {**common, "variant": "exported", "path": str(boxed)})
+        for count in plan.box_counts:
+            spec = {**common, "variant": "exported", "path": str(boxed), "boxes": count}
+            self.job(box_latency_key(count), spec)
+        self.job(GEOMETRY_SHARE, {"job": "geometry_share", "counts": plan.box_counts})
 
 
 def _jsonable(value: Any) -> Any:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ..verify import compare_parity
+from .boxes import boxes_section
 from .plan import (
     ALLOCATOR_BASELINE,
     AOTI_COMPILE,
@@ -418,5 +419,6 @@ def summarize(doc: dict[str, Any], plan: BenchPlan, read_outputs: OutputsReader)
     doc["onnx"] = onnx_section(jobs, doc["latency"])
     doc["scaling"] = scaling_section(jobs, plan, doc.get("scaling_skipped", []))
     doc["throughput"] = throughput_section(jobs, plan.throughput)
+    doc["boxes"] = boxes_section(jobs, plan.box_counts)
     doc["targets"] = targets(doc, plan)
     return doc

@@ -27,6 +27,7 @@ import torch
 
 from ..allocator import peak_rss_bytes
 from ..artifact.manifest import Manifest
+from .boxes import job_geometry_share
 from .throughput import job_throughput
 
 __all__ = ["JOBS", "main", "peak_rss_bytes", "rss_bytes"]
@@ -109,6 +110,7 @@ def job_export(spec: dict[str, Any]) -> dict[str, Any]:
         autocast=spec.get("autocast", "none"),
         formats=spec.get("formats", ["pt2"]),
         quantize=spec.get("quantize"),
+        boxes=bool(spec.get("boxes", False)),
         force=True,
         stages=Stages(on_done=record),
     )
@@ -203,17 +205,20 @@ def _runner(spec: dict[str, Any]) -> tuple[Callable[..., Any], int, int, float]:
 def job_latency(spec: dict[str, Any]) -> dict[str, Any]:
     """``warmup`` untimed then ``runs`` timed forwards at (B, P), under inference mode.
 
-    With ``count_flops`` the first warm-up runs under ``torch.utils.flop_counter``. With
-    ``save_outputs`` the last outputs are written there (``torch.save``) for parity checks.
+    With ``boxes: K`` a box-capable artifact also gets K exemplar boxes per pair, every one
+    valid (:func:`.boxes.box_inputs`). With ``count_flops`` the first warm-up runs under
+    ``torch.utils.flop_counter``. With ``save_outputs`` the last outputs are written there
+    (``torch.save``) for parity checks.
     """
     import torchvision  # noqa: F401
 
-    from ..artifact.program import synthetic_inputs
+    from .boxes import box_inputs
 
     batch, prompts = (int(v) for v in spec["shape"])
     module, image_size, context_length, load_s = _runner(spec)
     rss_loaded = rss_bytes()
-    inputs = synthetic_inputs(image_size, context_length, batch, prompts, seed=int(spec.get("input_seed", 1)))
+    seed = int(spec.get("input_seed", 1))
+    inputs = box_inputs(image_size, context_length, batch, prompts, spec.get("boxes"), seed=seed)
     out: dict[str, Any] = {"load_s": load_s, "rss_after_load": rss_loaded}
     outputs: Any = None
     with torch.inference_mode():
@@ -309,6 +314,7 @@ JOBS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "profile": job_profile,
     "profile_load": job_profile_load,
     "throughput": job_throughput,
+    "geometry_share": job_geometry_share,
 }
 
 
