@@ -275,7 +275,7 @@ def test_user_boxes_are_validated_and_clipped(predictor, images) -> None:
         (dict(phrases=[None]), "phrases: expected a phrase, got None (boxes alone) without boxes"),
         (dict(phrases=[None], boxes=[[[]]]), "phrases[0]: expected a phrase, or boxes in every image"),
         (dict(phrases=["a"], boxes=[[[]], [[]]]), "boxes: expected one row per image (1), got 2"),
-        (dict(phrases=["a"], boxes=[[[], []]]), "boxes[0]: expected one list per phrase (1), got 2"),
+        (dict(phrases=["a"], boxes=[[[], []]]), "boxes[0]: expected one list of boxes per phrase (1), got 2"),
         (dict(phrases=["a"], boxes=[["x"]]), "boxes[0][0]: expected a list of boxes"),
     ]
     for kwargs, message in refusals:

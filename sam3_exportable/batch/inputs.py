@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputSpecError
-from ..predict.boxes import parse_box
+from ..predict.boxes import ExemplarBox, parse_box, parse_phrase_boxes
 from ..predict.images import IMAGE_EXTENSIONS
 
 __all__ = ["expand_images", "job_boxes", "read_box_file", "read_image_list"]
@@ -143,23 +143,14 @@ def expand_images(
     return sorted(found, key=str)
 
 
-def _box_record(value: Any, where: str) -> list[Any]:
-    """A box validated before its image is read, as the job records it: ``[x0, y0, x1, y1,
-    positive]``."""
-    box = parse_box(value, None, None, where)
+def _record(box: ExemplarBox) -> list[Any]:
+    """A box as the job records it: ``[x0, y0, x1, y1, positive]``."""
     return [box.x0, box.y0, box.x1, box.y1, box.positive]
 
 
 def _pair_records(rows: Any, prompts: int, where: str) -> list[list[list[Any]]]:
-    if isinstance(rows, (str, bytes)) or not isinstance(rows, Sequence) or len(rows) != prompts:
-        got = len(rows) if isinstance(rows, Sequence) and not isinstance(rows, (str, bytes)) else repr(rows)
-        raise InputSpecError(f"{where}: expected one list of boxes per phrase ({prompts}), got {got}")
-    out = []
-    for j, pair in enumerate(rows):
-        if isinstance(pair, (str, bytes)) or not isinstance(pair, Sequence):
-            raise InputSpecError(f"{where}[{j}]: expected a list of boxes, got {pair!r}")
-        out.append([_box_record(b, f"{where}[{j}][{k}]") for k, b in enumerate(pair)])
-    return out
+    """One image's boxes per phrase, validated before the image is read, as records."""
+    return [[_record(b) for b in pair] for pair in parse_phrase_boxes(rows, prompts, None, None, where)]
 
 
 def read_box_file(path: str | os.PathLike[str], prompts: int) -> dict[str, list[list[list[Any]]]]:
@@ -226,7 +217,7 @@ def job_boxes(
     else:
         if isinstance(boxes, (str, bytes)) or not isinstance(boxes, Sequence) or not boxes:
             raise InputSpecError(f"--box: expected at least one box, got {boxes!r}")
-        every = [_box_record(b, f"--box #{k + 1}") for k, b in enumerate(boxes)]
+        every = [_record(parse_box(b, None, None, f"--box #{k + 1}")) for k, b in enumerate(boxes)]
         per_image = {str(p): [list(every) for _ in phrases] for p in images}
     for j, phrase in enumerate(phrases):
         if phrase is not None:

@@ -20,7 +20,14 @@ import numpy as np
 
 from ..errors import InputSpecError
 
-__all__ = ["VISUAL_PHRASE", "ExemplarBox", "box_inputs", "parse_box", "parse_pair_boxes"]
+__all__ = [
+    "VISUAL_PHRASE",
+    "ExemplarBox",
+    "box_inputs",
+    "parse_box",
+    "parse_pair_boxes",
+    "parse_phrase_boxes",
+]
 
 #: The phrase upstream's processor grounds on when a prompt is boxes alone.
 VISUAL_PHRASE = "visual"
@@ -103,33 +110,38 @@ def parse_box(value: Any, width: int | None, height: int | None, where: str) -> 
     return ExemplarBox(cx0, cy0, cx1, cy1, positive)
 
 
+def parse_phrase_boxes(
+    row: Any, prompts: int, width: int | None, height: int | None, where: str
+) -> list[list[ExemplarBox]]:
+    """One image's boxes, one list per phrase (``None`` for none), validated with
+    :func:`parse_box` (``width`` and ``height`` None: before the image is read). ``where``
+    names ``row`` in messages. Raises :class:`~..errors.InputSpecError`."""
+    if not _is_list(row) or len(row) != prompts:
+        got = len(row) if _is_list(row) else repr(row)
+        raise InputSpecError(f"{where}: expected one list of boxes per phrase ({prompts}), got {got}")
+    parsed = []
+    for j, pair in enumerate(row):
+        pair = () if pair is None else pair
+        if not _is_list(pair):
+            raise InputSpecError(f"{where}[{j}]: expected a list of boxes, got {pair!r}")
+        parsed.append([parse_box(b, width, height, f"{where}[{j}][{k}]") for k, b in enumerate(pair)])
+    return parsed
+
+
 def parse_pair_boxes(
     boxes: Any, sizes: Sequence[tuple[int, int]], prompts: int
 ) -> list[list[list[ExemplarBox]]]:
     """``boxes[i][j]`` (a list of boxes of image ``i`` and phrase ``j``) validated
-    (:func:`parse_box`); ``sizes[i]`` is image ``i``'s ``(width, height)``. ``boxes`` must have
-    one row per image and one list per phrase. Raises :class:`~..errors.InputSpecError`."""
-    if isinstance(boxes, (str, bytes)) or not isinstance(boxes, Sequence) or len(boxes) != len(sizes):
-        got = (
-            len(boxes) if isinstance(boxes, Sequence) and not isinstance(boxes, (str, bytes)) else repr(boxes)
-        )
+    (:func:`parse_phrase_boxes`); ``sizes[i]`` is image ``i``'s ``(width, height)``. ``boxes``
+    must have one row per image and one list per phrase. Raises
+    :class:`~..errors.InputSpecError`."""
+    if not _is_list(boxes) or len(boxes) != len(sizes):
+        got = len(boxes) if _is_list(boxes) else repr(boxes)
         raise InputSpecError(f"boxes: expected one row per image ({len(sizes)}), got {got}")
-    parsed: list[list[list[ExemplarBox]]] = []
-    for i, (row, (width, height)) in enumerate(zip(boxes, sizes, strict=True)):
-        if not _is_list(row) or len(row) != prompts:
-            got = len(row) if _is_list(row) else repr(row)
-            raise InputSpecError(f"boxes[{i}]: expected one list per phrase ({prompts}), got {got}")
-        parsed_row = []
-        for j, pair in enumerate(row):
-            if pair is None:
-                pair = ()
-            if isinstance(pair, (str, bytes)) or not isinstance(pair, Sequence):
-                raise InputSpecError(f"boxes[{i}][{j}]: expected a list of boxes, got {pair!r}")
-            parsed_row.append(
-                [parse_box(b, width, height, f"boxes[{i}][{j}][{k}]") for k, b in enumerate(pair)]
-            )
-        parsed.append(parsed_row)
-    return parsed
+    return [
+        parse_phrase_boxes(row, prompts, width, height, f"boxes[{i}]")
+        for i, (row, (width, height)) in enumerate(zip(boxes, sizes, strict=True))
+    ]
 
 
 def box_inputs(

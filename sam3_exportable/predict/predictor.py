@@ -250,12 +250,19 @@ class Predictor:
     ) -> Outputs:
         """One call of the graph for all images x phrases (and their exemplar boxes, as
         :meth:`predict` takes them); raw outputs, image-major pairs."""
+        rgb, prompts, pair_boxes, pixels = self._prepare(images, phrases, boxes)
+        return run_graph(self.artifact, pixels, prompts.token_ids, **self._box_feeds(rgb, pair_boxes))
+
+    def _prepare(
+        self, images: Sequence[ImageInput], phrases: Sequence[str | None] | str | Prompts, boxes: Any
+    ) -> tuple[list[Image.Image], Prompts, list[list[list[ExemplarBox]]] | None, Any]:
+        """(RGB images, prompts, validated boxes, pixels): everything before a graph call.
+        Raises :class:`~..errors.InputSpecError` for no image, a bad phrase or box."""
         rgb = self.load(images)
         if not rgb:
             raise InputSpecError("images: expected at least one image, got none")
         prompts, pair_boxes = self._prompts_and_boxes(rgb, phrases, boxes)
-        pixels = preprocess(rgb, self.image_size, self.artifact.array_library)
-        return run_graph(self.artifact, pixels, prompts.token_ids, **self._box_feeds(rgb, pair_boxes))
+        return rgb, prompts, pair_boxes, preprocess(rgb, self.image_size, self.artifact.array_library)
 
     def _prompts_and_boxes(
         self, rgb: Sequence[Image.Image], phrases: Sequence[str | None] | str | Prompts, boxes: Any
@@ -318,10 +325,7 @@ class Predictor:
         or ``max_pairs`` below ``B``.
         """
         _check_threshold(threshold)
-        rgb = self.load(images)
-        if not rgb:
-            raise InputSpecError("images: expected at least one image, got none")
-        prompts, pair_boxes = self._prompts_and_boxes(rgb, phrases, boxes)
+        rgb, prompts, pair_boxes, pixels = self._prepare(images, phrases, boxes)
         chunk = len(prompts)
         if max_pairs is not None:
             if max_pairs < len(rgb):
@@ -329,7 +333,6 @@ class Predictor:
                     f"max_pairs: expected at least one pair per image ({len(rgb)} images), got {max_pairs}"
                 )
             chunk = min(chunk, max_pairs // len(rgb))
-        pixels = preprocess(rgb, self.image_size, self.artifact.array_library)
         kept: list[list[KeptPair]] = [[] for _ in rgb]
         for start in range(0, len(prompts), chunk):
             ids = prompts.chunk(start, chunk)
@@ -359,20 +362,8 @@ class Predictor:
         of None means boxes alone (upstream's "visual" phrase). Raises
         :class:`~..errors.InputSpecError` naming a bad image, phrase, box or threshold.
         """
-        _check_threshold(threshold)
-        rgb = self.load(images)
-        if not rgb:
-            raise InputSpecError("images: expected at least one image, got none")
-        prompts, pair_boxes = self._prompts_and_boxes(rgb, phrases, boxes)
-        pixels = preprocess(rgb, self.image_size, self.artifact.array_library)
-        outputs = run_graph(self.artifact, pixels, prompts.token_ids, **self._box_feeds(rgb, pair_boxes))
-        results = []
-        for i, img in enumerate(rgb):
-            row = []
-            for j in range(len(prompts)):
-                row.append(PairResult.of(_keep_row(outputs, i * len(prompts) + j, img, threshold)))
-            results.append(row)
-        return results
+        kept = self.kept_pairs(images, phrases, threshold=threshold, boxes=boxes)  # one graph call
+        return [[PairResult.of(pair) for pair in row] for row in kept]
 
     def __repr__(self) -> str:
         return f"Predictor({self.artifact!r})"
