@@ -18,6 +18,12 @@ from sam3_exportable.export import example_inputs, export_full_pipeline
 
 warnings.filterwarnings("ignore", message=r".*CUDA is not available.*")
 torch.set_num_threads(2)
+# A shell without job control starts background jobs (`pytest ... &` in a script) with SIGINT
+# ignored; Python keeps it ignored and so would every child a test starts, and the tests that
+# interrupt a child would wait for one that never hears it. Children get SIGINT at its
+# default, as an interactive user's commands have it.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)
@@ -124,18 +130,6 @@ _FRESH_PROCESS = textwrap.dedent(
 )
 
 
-def _sigint_at_its_default() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
-def spawn_interruptible(args: list[str], **kwargs) -> subprocess.Popen:
-    """``subprocess.Popen(args, **kwargs)`` with SIGINT at its default in the child, as an
-    interactive user's command has it. A shell without job control starts background jobs
-    with SIGINT ignored (``pytest ... &`` in a script), Python keeps it ignored and so would
-    every child: a test that sends SIGINT would then wait for a child that never hears it."""
-    return subprocess.Popen(args, preexec_fn=_sigint_at_its_default, **kwargs)
-
-
 def run_in_fresh_process(artifact: Path, inputs, tmp_path: Path, timeout: int = 900):
     """Load ``artifact`` in a new Python that imports only torch and torchvision, run it
     on ``inputs`` and return its outputs."""
@@ -208,5 +202,4 @@ __all__ = [
     "example_inputs",
     "run_in_fresh_process",
     "run_in_onnxruntime_only",
-    "spawn_interruptible",
 ]

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import spawn_interruptible
 
 from sam3_exportable.artifact import files, load_artifact, manifest_path, read_manifest, save_pipeline
 from sam3_exportable.artifact.files import Staging, check_output_dir, check_output_file
@@ -101,7 +100,7 @@ def test_signals_at_random_moments_never_break_the_artifact(old_artifact, tmp_pa
     target.parent.mkdir()
     save_pipeline(torch.export.load(source), target, provenance=Provenance.of_manifest(read_manifest(source)))
     for delay in (0.7, 1.9):
-        proc = spawn_interruptible(
+        proc = subprocess.Popen(
             [sys.executable, "-c", _SAVER, str(source), str(target)], stdout=subprocess.PIPE, text=True
         )
         assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"

@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import spawn_interruptible
 from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
@@ -433,7 +432,7 @@ def test_a_killed_run_resumes_to_the_outputs_of_an_uninterrupted_one(
     out = tmp_path / "out"
     args = _args(artifact, out, "--batch-size", "2", images=(str(many),))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    child = spawn_interruptible(
+    child = subprocess.Popen(
         [sys.executable, "-m", "sam3_exportable.cli", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

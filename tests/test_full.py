@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import assert_bitwise, eager, example_inputs, run_in_fresh_process, run_in_onnxruntime_only
 from PIL import Image
+from pycocotools import mask as mask_utils
 
 import sam3_exportable as s3e
 from sam3_exportable.artifact import save_pipeline
@@ -200,7 +201,6 @@ def test_full_predict_box_equals_upstream_processor(full_wrapper, full_box_ep, t
     from sam3.model.sam3_image_processor import Sam3Processor
 
     from sam3_exportable.cli import main
-    from sam3_exportable.predict.boxes import parse_box
 
     artifact = tmp_path / "sam3-boxes.pt2"
     save_pipeline(full_box_ep, artifact)
@@ -220,13 +220,17 @@ def test_full_predict_box_equals_upstream_processor(full_wrapper, full_box_ep, t
     (phrase,) = line["phrases"]
     assert [b["positive"] for b in phrase["prompt_boxes"]] == [True, False]
     image = load_image(path)
+    assert image.size == (512, 600)
     with s3e.exportable_sam3():
         processor = Sam3Processor(full_wrapper.model, resolution=1008, device="cpu")
         processor.confidence_threshold = 0.0
         state = processor.set_text_prompt("a person", processor.set_image(image))
         for value, positive in zip(boxes, (True, False), strict=True):
-            box = parse_box([float(v) for v in value.split(",")], image.width, image.height, "box")
-            state = processor.add_geometric_prompt(list(box.normalized_cxcywh(*image.size)), positive, state)
+            x0, y0, x1, y1 = (float(v) for v in value.split(","))
+            cxcywh = [(x0 + x1) / 2 / 512, (y0 + y1) / 2 / 600, (x1 - x0) / 512, (y1 - y0) / 600]
+            state = processor.add_geometric_prompt(cxcywh, positive, state)
     assert len(phrase["instances"]) == 200
     assert [i["score"] for i in phrase["instances"]] == state["scores"].tolist()
     assert [i["box_xyxy"] for i in phrase["instances"]] == state["boxes"].tolist()
+    for instance, mask in zip(phrase["instances"], state["masks"], strict=True):
+        assert np.array_equal(mask_utils.decode(instance["rle"]), mask[0].numpy().astype(np.uint8))

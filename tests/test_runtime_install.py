@@ -125,10 +125,10 @@ def test_exemplar_boxes_run_without_torch(venv: Path, box_onnx_pair, images: Pat
         full = [*args]
         full[full.index("--out") + 1] = str(tmp_path / f"full-{name}")
         assert main(full) == 0
-        _assert_alike(tmp_path / f"rt-{name}", tmp_path / f"full-{name}", 3)
+        assert _assert_alike(tmp_path / f"rt-{name}", tmp_path / f"full-{name}", 3) > 0
         line = json.loads((tmp_path / f"rt-{name}" / "results.jsonl").read_text().splitlines()[0])
-        phrases = [p["phrase"] for p in line["phrases"]]
-        assert phrases == (["a dog", "a cat"] if name == "text" else ["visual"])
+        recorded = [p["phrase"] for p in line["phrases"]]
+        assert recorded == (list(PHRASES) if name == "text" else ["visual"])
         assert [b["positive"] for b in line["phrases"][0]["prompt_boxes"]] == [True, False]
 
 

@@ -157,8 +157,9 @@ def read_box_file(path: str | os.PathLike[str], prompts: int) -> dict[str, list[
     """The exemplar boxes a JSONL file gives per image: one line per image,
     ``{"path": "<image>", "boxes": [[box, ...] per phrase]}``, each box ``[x0, y0, x1, y1]`` or
     ``[x0, y0, x1, y1, label]`` in that image's pixels (label 1/true positive, 0/false
-    negative). Paths are taken as ``--image-list`` takes them (relative ones from the current
-    directory). Returns ``{resolved path: boxes}``.
+    negative); ``[]`` or ``null`` for a phrase without boxes. Paths are taken as
+    ``--image-list`` takes them (relative ones from the current directory). Returns
+    ``{resolved path: boxes}``.
 
     Raises :class:`InputSpecError` naming the file and line for an unreadable file, a line
     that is not such an object, a bad box, or an image named twice.

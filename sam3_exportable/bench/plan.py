@@ -12,6 +12,9 @@ import torch
 __all__ = [
     "ALLOCATOR_BASELINE",
     "AOTI_COMPILE",
+    "BOX_ARTIFACT",
+    "BOX_EXPORT",
+    "GEOMETRY_SHARE",
     "IMPORTS",
     "MATMUL_PEAK",
     "ONNX_EXPORT",
@@ -21,6 +24,7 @@ __all__ = [
     "VARIANTS",
     "BenchPlan",
     "artifact_name",
+    "box_latency_key",
     "export_key",
     "latency_key",
     "load_key",
@@ -53,6 +57,18 @@ AOTI_COMPILE = "aoti_compile"
 PROFILE_LOAD = "profile/load"
 ONNX_EXPORT = "export/onnx"
 ALLOCATOR_BASELINE = "allocator/eager-default/1x1"
+
+
+#: the box-capable ``.pt2`` (:mod:`.boxes`): its export job and its file in the work dir
+BOX_EXPORT = "export/fp32-boxes"
+BOX_ARTIFACT = "sam3-boxes.pt2"
+#: eager forwards timing the geometry encoder (:mod:`.boxes`)
+GEOMETRY_SHARE = "boxes/geometry"
+
+
+def box_latency_key(boxes: int | str) -> str:
+    """``boxes/K=4`` for a box count, ``boxes/text-only`` or ``boxes/padding`` otherwise."""
+    return f"boxes/K={boxes}" if isinstance(boxes, int) else f"boxes/{boxes}"
 
 
 def export_key(autocast: str) -> str:

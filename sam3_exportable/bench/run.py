@@ -29,11 +29,13 @@ import torch
 from ..artifact.files import atomic_write
 from ..artifact.manifest import versions_record
 from ..errors import OutputExistsError
-from .boxes import BOX_ARTIFACT, BOX_EXPORT, GEOMETRY_SHARE, box_latency_key
 from .host import machine_info
 from .plan import (
     ALLOCATOR_BASELINE,
     AOTI_COMPILE,
+    BOX_ARTIFACT,
+    BOX_EXPORT,
+    GEOMETRY_SHARE,
     IMPORTS,
     MATMUL_PEAK,
     ONNX_EXPORT,
@@ -41,6 +43,7 @@ from .plan import (
     VARIANTS,
     BenchPlan,
     artifact_name,
+    box_latency_key,
     export_key,
     latency_key,
     load_key,
@@ -417,13 +420,13 @@ class BenchRun:
         export = self.job(BOX_EXPORT, {"job": "export", "boxes": True, "out": str(boxed)})
         common = {"job": "latency", "shape": [1, 1], "warmup": plan.warmup, "runs": plan.runs}
         self.job(box_latency_key("text-only"), {**common, "variant": "exported", "path": str(fp32)})
-        if "error" in export:
-            return
-        self.job(box_latency_key("padding"), {**common, "variant": "exported", "path": str(boxed)})
-        for count in plan.box_counts:
-            spec = {**common, "variant": "exported", "path": str(boxed), "boxes": count}
-            self.job(box_latency_key(count), spec)
-        self.job(GEOMETRY_SHARE, {"job": "geometry_share", "counts": plan.box_counts})
+        if "error" not in export:
+            self.job(box_latency_key("padding"), {**common, "variant": "exported", "path": str(boxed)})
+            for count in plan.box_counts:
+                spec = {**common, "variant": "exported", "path": str(boxed), "boxes": count}
+                self.job(box_latency_key(count), spec)
+        spec = {"job": "geometry_share", "counts": plan.box_counts, "runs": plan.runs}
+        self.job(GEOMETRY_SHARE, spec)
 
 
 def _jsonable(value: Any) -> Any:

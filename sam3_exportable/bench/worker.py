@@ -27,7 +27,6 @@ import torch
 
 from ..allocator import peak_rss_bytes
 from ..artifact.manifest import Manifest
-from .boxes import job_geometry_share
 from .throughput import job_throughput
 
 __all__ = ["JOBS", "main", "peak_rss_bytes", "rss_bytes"]
@@ -206,19 +205,19 @@ def job_latency(spec: dict[str, Any]) -> dict[str, Any]:
     """``warmup`` untimed then ``runs`` timed forwards at (B, P), under inference mode.
 
     With ``boxes: K`` a box-capable artifact also gets K exemplar boxes per pair, every one
-    valid (:func:`.boxes.box_inputs`). With ``count_flops`` the first warm-up runs under
+    valid (:func:`.boxes.synthetic_box_inputs`). With ``count_flops`` the first warm-up runs under
     ``torch.utils.flop_counter``. With ``save_outputs`` the last outputs are written there
     (``torch.save``) for parity checks.
     """
     import torchvision  # noqa: F401
 
-    from .boxes import box_inputs
+    from .boxes import synthetic_box_inputs
 
     batch, prompts = (int(v) for v in spec["shape"])
     module, image_size, context_length, load_s = _runner(spec)
     rss_loaded = rss_bytes()
     seed = int(spec.get("input_seed", 1))
-    inputs = box_inputs(image_size, context_length, batch, prompts, spec.get("boxes"), seed=seed)
+    inputs = synthetic_box_inputs(image_size, context_length, batch, prompts, spec.get("boxes"), seed=seed)
     out: dict[str, Any] = {"load_s": load_s, "rss_after_load": rss_loaded}
     outputs: Any = None
     with torch.inference_mode():
@@ -248,6 +247,37 @@ def job_latency(spec: dict[str, Any]) -> dict[str, Any]:
     if spec.get("save_outputs") and outputs is not None:
         torch.save(tuple(t.detach().float().clone() for t in outputs), spec["save_outputs"])
     return out
+
+
+def job_geometry_share(spec: dict[str, Any]) -> dict[str, Any]:
+    """Eager forwards at (1, 1) in each configuration of :func:`.boxes.box_configurations`
+    (``counts``): one warm-up, then ``runs`` timed forwards each, with the seconds spent
+    inside ``model.geometry_encoder`` (forward hooks) and their share of the forward."""
+    from ..export.pipeline import FullSam3PipelineWrapper
+    from ..patching.selection import exportable_sam3
+    from .boxes import box_configurations, synthetic_box_inputs
+
+    wrapper = FullSam3PipelineWrapper(_build(spec)).eval()
+    encoder = wrapper.model.geometry_encoder
+    inside: list[float] = []
+    started: list[float] = []
+    encoder.register_forward_pre_hook(lambda *_: started.append(time.perf_counter()))
+    encoder.register_forward_hook(lambda *_: inside.append(time.perf_counter() - started.pop()))
+    configurations = box_configurations([int(k) for k in spec["counts"]])
+    out: dict[str, dict[str, list[float]]] = {}
+    with torch.inference_mode(), exportable_sam3():
+        for i, (name, configuration) in enumerate(configurations):
+            inputs = synthetic_box_inputs(wrapper.image_size, wrapper.context_length, 1, 1, configuration)
+            if i == 0:  # first-touch allocations land here, not in a timed forward
+                wrapper(*inputs)
+            record = out.setdefault(name, {"forward_s": [], "geometry_s": [], "share": []})
+            for _ in range(int(spec.get("runs", 1))):
+                inside.clear()
+                _, total = _timed(lambda: wrapper(*inputs))  # noqa: B023  called at once
+                record["forward_s"].append(total)
+                record["geometry_s"].append(sum(inside))
+                record["share"].append(sum(inside) / total)
+    return {"by_configuration": out}
 
 
 def job_profile(spec: dict[str, Any]) -> dict[str, Any]:

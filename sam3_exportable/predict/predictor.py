@@ -166,6 +166,14 @@ class Prompts:
     phrases: tuple[str, ...]
     token_ids: np.ndarray
 
+    def __post_init__(self) -> None:
+        if not self.phrases:
+            raise InputSpecError("phrases: expected at least one phrase, got none")
+        if len(self.token_ids) != len(self.phrases):
+            raise InputSpecError(
+                f"token_ids: expected one row per phrase ({len(self.phrases)}), got {len(self.token_ids)}"
+            )
+
     def __len__(self) -> int:
         return len(self.phrases)
 
