@@ -173,49 +173,72 @@ def test_full_onnx_in_an_onnxruntime_only_process_within_bounds(
 # -- exemplar boxes at full size -------------------------------------------------------------
 
 
+def _cli(args: list[str]) -> None:
+    """``sam3-exportable ARGS`` in this process at its thread count, which is kept."""
+    import contextlib
+    import io
+
+    from sam3_exportable.cli import main
+
+    threads, err = torch.get_num_threads(), io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            status = main([*args, "--threads", str(threads), "--malloc", "default"])
+    finally:
+        torch.set_num_threads(threads)
+    assert status == 0, err.getvalue()
+
+
 @pytest.fixture(scope="module")
-def full_box_ep(full_wrapper) -> torch.export.ExportedProgram:
-    return export_full_pipeline(full_wrapper.model, boxes=True)
+def full_box_artifact(tmp_path_factory) -> Path:
+    """``export --boxes`` of the full model (random weights, seed 0: the module's model)."""
+    out = tmp_path_factory.mktemp("boxes") / "sam3-boxes.pt2"
+    _cli(["export", "--size", "full", "--random-weights", "--boxes", "--out", str(out)])
+    return out
 
 
-def test_full_box_program_is_audited_and_bitwise_eager(full_wrapper, full_box_ep) -> None:
+def test_full_box_export_is_audited_and_bitwise_eager(full_wrapper, full_box_artifact) -> None:
     """(B, P, K) = (1, 1, 2): one positive and one negative box, both valid (traced at K = 3)."""
-    report = audit_dynamic_shapes(full_box_ep)
+    from sam3_exportable.artifact import load_artifact, read_manifest
+
+    manifest = read_manifest(full_box_artifact)
+    assert manifest.audit is not None and manifest.takes_boxes
     inf = float("inf")
+    artifact = load_artifact(full_box_artifact)
+    report = audit_dynamic_shapes(artifact.program)
     assert report.ranges == {"batch": (1, inf), "num_prompts": (1, inf), "num_boxes": (1, inf)}
     images, tokens, boxes, labels, valid = example_inputs(full_wrapper, 1, 1, seed=21, boxes=2)
     valid = torch.ones_like(valid)
     assert labels.tolist() == [[[1, 0]]]
     expected = eager(full_wrapper, images, tokens, boxes, labels, valid)
-    assert_bitwise(expected, full_box_ep.module()(images, tokens, boxes, labels, valid))
+    assert_bitwise(expected, artifact(images, tokens, boxes, labels, valid))
     assert not torch.equal(expected[0], _eager(full_wrapper, 1, 1)[0])  # the boxes count
 
 
-def test_full_predict_box_equals_upstream_processor(full_wrapper, full_box_ep, tmp_path: Path) -> None:
-    """`predict --box --negative-box` with the saved box-capable artifact against upstream's
+def test_full_predict_box_equals_upstream_processor(full_wrapper, full_box_artifact, tmp_path: Path) -> None:
+    """`predict --box --negative-box` with the box-capable artifact against upstream's
     Sam3Processor (set_image, set_text_prompt, add_geometric_prompt per box), same threads."""
-    import contextlib
-    import io
-
     import matplotlib.cbook
     from sam3.model.sam3_image_processor import Sam3Processor
 
-    from sam3_exportable.cli import main
-
-    artifact = tmp_path / "sam3-boxes.pt2"
-    save_pipeline(full_box_ep, artifact)
     path = Path(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
     boxes = ["100,50,400,500", "0,400,150,600"]
-    out, threads = tmp_path / "out", torch.get_num_threads()
-    args = ["predict", "--model", str(artifact), "--image", str(path), "--prompt", "a person"]
-    args += ["--box", boxes[0], "--negative-box", boxes[1], "--out", str(out), "--threshold", "0.0"]
-    args += ["--threads", str(threads), "--malloc", "default", "--no-overlay"]
-    err = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(err):
-            assert main(args) == 0, err.getvalue()
-    finally:
-        torch.set_num_threads(threads)
+    out = tmp_path / "out"
+    args = ["predict", "--model", str(full_box_artifact), "--image", str(path), "--prompt", "a person"]
+    _cli(
+        [
+            *args,
+            "--box",
+            boxes[0],
+            "--negative-box",
+            boxes[1],
+            "--out",
+            str(out),
+            "--threshold",
+            "0.0",
+            "--no-overlay",
+        ]
+    )
     (line,) = [json.loads(text) for text in (out / "results.jsonl").read_text().splitlines()]
     (phrase,) = line["phrases"]
     assert [b["positive"] for b in phrase["prompt_boxes"]] == [True, False]
