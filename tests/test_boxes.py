@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_in_onnxruntime_only
+from conftest import eager, run_in_onnxruntime_only
 from PIL import Image
 from sam3.model.sam3_image_processor import Sam3Processor
 from torch.export import Dim
@@ -221,6 +221,44 @@ def test_the_onnx_kind_runs_with_onnxruntime_only_and_matches_the_pt2(
             assert float((a - b).abs().max()) <= INT8_PROBABILITY_BOUND, (shape, name)
     for with_boxes, without in zip(got_int8[:2], got_int8[2:], strict=True):
         assert not torch.equal(with_boxes[0], without[0])  # the int8 graph reads the boxes
+
+
+#: AOTInductor against eager (its text-only bounds, tests/test_aoti.py): inductor fuses and
+#: reorders float ops (measured with boxes: logits 2.5e-7, masks 2.2e-6, presence 5.4e-7)
+AOTI_BOUNDS = {"pred_logits": 1e-5, "pred_boxes": 1e-5, "pred_masks": 1e-4, "presence_logit_dec": 1e-5}
+
+
+def test_the_aoti_kind_takes_boxes_within_its_bounds(box_pt2, tiny_wrapper, tmp_path) -> None:
+    from sam3_exportable.artifact.aoti import compile_aoti
+    from sam3_exportable.verify import compare_parity
+
+    source = load_artifact(box_pt2)
+    manifest = compile_aoti(source.program, tmp_path / "b.aoti.pt2", source_manifest=source.manifest)
+    assert [s.name for s in manifest.inputs] == [s.name for s in source.manifest.inputs]
+    package = load_artifact(tmp_path / "b.aoti.pt2")
+    assert package.kind == "aoti" and package.takes_boxes
+    for b, p, k in [(2, 1, 3), (1, 2, 1)]:  # traced at 3 x 3 x 3
+        inputs = example_inputs(tiny_wrapper, b, p, seed=17, boxes=k)
+        with torch.inference_mode():
+            parity = compare_parity(eager(tiny_wrapper, *inputs), package(*inputs))
+        for name, bound in AOTI_BOUNDS.items():
+            assert parity["max_abs_diff"][name] <= bound, (b, p, k, name, parity["max_abs_diff"][name])
+        assert parity["kept_at_top10"]["identical"], (b, p, k)
+    images, tokens = example_inputs(tiny_wrapper, 1, 1, seed=17)
+    with torch.inference_mode():  # called without boxes it pads, as the .pt2 does
+        padded = compare_parity(source(images, tokens), package(images, tokens))
+    assert all(padded["max_abs_diff"][n] <= bound for n, bound in AOTI_BOUNDS.items()), padded
+
+
+def test_the_bf16_kind_with_boxes_is_bitwise_its_eager_twin(tiny_model) -> None:
+    program = export_full_pipeline(tiny_model, boxes=True, autocast_dtype=torch.bfloat16)
+    twin = s3e.FullSam3PipelineWrapper(tiny_model, autocast_dtype=torch.bfloat16).eval()
+    for b, p, k in [(2, 1, 3), (1, 2, 4)]:
+        inputs = example_inputs(twin, b, p, seed=18, boxes=k)
+        expected = eager(twin, *inputs)
+        got = program.module()(*inputs)
+        assert all(o.dtype == torch.float32 for o in got)
+        assert all(torch.equal(a, c) for a, c in zip(expected, got, strict=True)), (b, p, k)
 
 
 def test_text_only_artifacts_refuse_boxes_and_box_artifacts_pad(tiny_artifact, box_pt2, tiny_wrapper) -> None:
