@@ -431,8 +431,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     pred = sub.add_parser(
         "predict",
-        help="segment images by text prompts with an artifact: files, folders, patterns, lists",
-        description="Segment images by text prompts, in batches, writing per image as it is done "
+        help="segment images by text prompts and/or exemplar boxes: files, folders, patterns, lists",
+        description="Segment images by text prompts and/or exemplar boxes, in batches, writing per "
+        "image as it is done "
         "(masks/, overlays/, results.jsonl) and coco.json at the end; --resume continues an "
         "interrupted run. Exit status 0, 1 when some images failed (see errors.jsonl), 2 for a "
         "bad argument.",
@@ -472,8 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--boxes",
         dest="box_file",
         metavar="FILE.jsonl",
-        help='exemplar boxes per image: one line per image, {"path": ..., "boxes": [[[x0, y0, x1, y1'
-        "(, label)], ...] per phrase]}",
+        help='exemplar boxes per image: one line per image, {"path": ..., "boxes": [[box, ...] per '
+        "phrase]}, a box [x0, y0, x1, y1] or [x0, y0, x1, y1, label]; [] or null: none for that phrase",
     )
     pred.add_argument("--threshold", type=_threshold, default=0.5)
     pred.add_argument("--out", required=True, help="output directory")

@@ -250,13 +250,16 @@ def test_the_aoti_kind_takes_boxes_within_its_bounds(box_pt2, tiny_wrapper, tmp_
     assert all(padded["max_abs_diff"][n] <= bound for n, bound in AOTI_BOUNDS.items()), padded
 
 
-def test_the_bf16_kind_with_boxes_is_bitwise_its_eager_twin(tiny_model) -> None:
+def test_the_bf16_kind_with_boxes_is_bitwise_its_eager_twin(tiny_model, tmp_path) -> None:
     program = export_full_pipeline(tiny_model, boxes=True, autocast_dtype=torch.bfloat16)
+    save_pipeline(program, tmp_path / "b.pt2")
+    artifact = load_artifact(tmp_path / "b.pt2")
+    assert artifact.takes_boxes and artifact.manifest.autocast_dtype == "bf16"
     twin = s3e.FullSam3PipelineWrapper(tiny_model, autocast_dtype=torch.bfloat16).eval()
     for b, p, k in [(2, 1, 3), (1, 2, 4)]:
         inputs = example_inputs(twin, b, p, seed=18, boxes=k)
         expected = eager(twin, *inputs)
-        got = program.module()(*inputs)
+        got = artifact(*inputs)
         assert all(o.dtype == torch.float32 for o in got)
         assert all(torch.equal(a, c) for a, c in zip(expected, got, strict=True)), (b, p, k)
 

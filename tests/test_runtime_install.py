@@ -129,7 +129,7 @@ def test_exemplar_boxes_run_without_torch(venv: Path, box_onnx_pair, images: Pat
         line = json.loads((tmp_path / f"rt-{name}" / "results.jsonl").read_text().splitlines()[0])
         recorded = [p["phrase"] for p in line["phrases"]]
         assert recorded == (list(PHRASES) if name == "text" else ["visual"])
-        assert [b["positive"] for b in line["phrases"][0]["prompt_boxes"]] == [True, False]
+        assert all([b["positive"] for b in p["prompt_boxes"]] == [True, False] for p in line["phrases"])
 
 
 _PYTHON_API = """

@@ -251,7 +251,7 @@ def job_latency(spec: dict[str, Any]) -> dict[str, Any]:
 
 def job_geometry_share(spec: dict[str, Any]) -> dict[str, Any]:
     """Eager forwards at (1, 1) in each configuration of :func:`.boxes.box_configurations`
-    (``counts``): one warm-up, then ``runs`` timed forwards each, with the seconds spent
+    (``counts``): one warm-up in all, then ``runs`` timed forwards per configuration, with the seconds spent
     inside ``model.geometry_encoder`` (forward hooks) and their share of the forward."""
     from ..export.pipeline import FullSam3PipelineWrapper
     from ..patching.selection import exportable_sam3

@@ -272,7 +272,9 @@ def build_artifact(
             record_paths["onnx"] = paths["onnx"]
             stages.note(_onnx_sizes(manifests["onnx"]))
             stages.note(
-                "audit: inputs keep 'batch' and 'num_prompts', outputs 'batch*num_prompts'; no empty value"
+                "audit: inputs keep 'batch' and 'num_prompts'"
+                + (" and 'num_boxes'" if boxes else "")
+                + ", outputs 'batch*num_prompts'; no empty value"
             )
         if quantize:
             from ..artifact.onnx import quantize_onnx
