@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import signal
 import subprocess
 import sys
@@ -78,22 +80,25 @@ def onnx_pair(onnx_record) -> tuple[Path, Path]:
     return onnx_record.paths["onnx"], onnx_record.paths["onnx-int8"]
 
 
+def run_cli(args: list[str]) -> tuple[int, str, str]:
+    """``sam3-exportable ARGS`` in this process: (exit status, stdout, stderr)."""
+    from sam3_exportable.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = main(args)
+    return status, out.getvalue(), err.getvalue()
+
+
 @pytest.fixture(scope="session")
 def box_onnx_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(the tiny box-capable ONNX graph, its int8 quantization), written as a user writes them:
     ``export --boxes --format onnx --quantize int8 --verify 1,2,2``; shared, never modify."""
-    import contextlib
-    import io
-
-    from sam3_exportable.cli import main
-
     out = tmp_path_factory.mktemp("boxes-onnx") / "tiny-boxes.onnx"
     args = ["export", "--size", "tiny", "--random-weights", "--malloc", "default", "--boxes"]
     args += ["--format", "onnx", "--quantize", "int8", "--out", str(out), "--verify", "1,2,2"]
-    err = io.StringIO()
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
-        status = main([*args, "--threads", str(torch.get_num_threads())])
-    assert status == 0, err.getvalue()
+    status, _, err = run_cli([*args, "--threads", str(torch.get_num_threads())])
+    assert status == 0, err
     return out, out.with_name("tiny-boxes.int8.onnx")
 
 
@@ -200,6 +205,7 @@ __all__ = [
     "assert_bitwise",
     "eager",
     "example_inputs",
+    "run_cli",
     "run_in_fresh_process",
     "run_in_onnxruntime_only",
 ]

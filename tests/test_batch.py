@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
 from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
@@ -26,7 +27,6 @@ from pycocotools.coco import COCO
 from sam3_exportable.artifact.files import current_umask
 from sam3_exportable.batch import SegmentBatch, expand_images, segment_images
 from sam3_exportable.batch.progress import Progress
-from sam3_exportable.cli import main
 from sam3_exportable.errors import InputSpecError
 from sam3_exportable.predict import KeptPair
 from sam3_exportable.predict.outputs import encode_image
@@ -81,19 +81,12 @@ def _args(artifact: Path, out: Path, *extra: str, images: tuple[str, ...] = ()) 
     return args + list(extra)
 
 
-def _main(args: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        status = main(args)
-    return status, out.getvalue(), err.getvalue()
-
-
 @pytest.fixture(scope="module")
 def reference(artifact, photos, tmp_path_factory) -> tuple[Path, int, str]:
     """The folder through the command line, local engine, 3 images per call, 3 pairs per
     call (so one phrase per call): (out, exit status, stderr)."""
     out = tmp_path_factory.mktemp("runs") / "reference"
-    status, _, err = _main(
+    status, _, err = run_cli(
         _args(artifact, out, "--batch-size", str(BATCH), "--max-pairs", str(PAIRS), images=(str(photos),))
     )
     return out, status, err
@@ -206,7 +199,7 @@ def test_arguments_that_name_no_image_are_refused(artifact, photos, tmp_path: Pa
         ((str(photos / "b" / "c" / "nothing"),), "no such path"),
     ):
         out = tmp_path / "out"
-        status, _, err = _main(_args(artifact, out, images=images))
+        status, _, err = run_cli(_args(artifact, out, images=images))
         assert status == 2, err
         assert message in err and len(err.strip().splitlines()) == 1, err
         assert not out.exists()
@@ -218,7 +211,7 @@ def test_arguments_that_name_no_image_are_refused(artifact, photos, tmp_path: Pa
     (tmp_path / "list.txt").write_text("# only a comment\n\n")
     with pytest.raises(InputSpecError, match="one image path per line, got none"):
         expand_images([], [tmp_path / "list.txt"])
-    status, _, err = _main(_args(artifact, tmp_path / "out"))
+    status, _, err = run_cli(_args(artifact, tmp_path / "out"))
     assert status == 2 and "expected an image file, a directory or a pattern" in err
 
 
@@ -284,7 +277,7 @@ def test_outputs_per_image_and_coco_json(reference) -> None:
 
 def test_strict_stops_at_the_first_bad_image(artifact, photos, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    status, _, err = _main(_args(artifact, out, "--strict", images=(str(photos),)))
+    status, _, err = run_cli(_args(artifact, out, "--strict", images=(str(photos),)))
     assert status == 2, err
     lines = [line for line in err.splitlines() if not line.startswith("progress: ")]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "--strict" in lines[0], err
@@ -348,23 +341,23 @@ def test_failed_images_stay_failed_on_resume_unless_retried_or_changed(artifact,
     Image.fromarray(_rgb(10, 40, 50)).save(folder / "good.png")
     (folder / "later.png").write_bytes(b"not yet a PNG")
     out = tmp_path / "out"
-    assert _main(_args(artifact, out, images=(str(folder),)))[0] == 1
-    status, printed, err = _main(_args(artifact, out, "--resume", images=(str(folder),)))  # unchanged
+    assert run_cli(_args(artifact, out, images=(str(folder),)))[0] == 1
+    status, printed, err = run_cli(_args(artifact, out, "--resume", images=(str(folder),)))  # unchanged
     assert status == 1 and "this run: 0 images, 2 done before" in printed and "1 of 2 images failed" in err
-    status, printed, err = _main(_args(artifact, out, "--resume", "--retry-failed", images=(str(folder),)))
+    status, printed, err = run_cli(_args(artifact, out, "--resume", "--retry-failed", images=(str(folder),)))
     assert status == 1 and "this run: 1 images, 1 done before" in printed and "1 of 2 images failed" in err
     assert len((out / "errors.jsonl").read_text().splitlines()) == 1
     Image.fromarray(_rgb(11, 30, 60)).save(folder / "later.png")  # the user fixes the file
-    status, printed, _ = _main(_args(artifact, out, "--resume", images=(str(folder),)))
+    status, printed, _ = run_cli(_args(artifact, out, "--resume", images=(str(folder),)))
     assert status == 0 and "segmented 2 of 2 images" in printed and "this run: 1 images" in printed
     assert (out / "errors.jsonl").read_text() == "" and len(_results(out)) == 2
-    status, _, err = _main(_args(artifact, tmp_path / "new", "--retry-failed", images=(str(folder),)))
+    status, _, err = run_cli(_args(artifact, tmp_path / "new", "--retry-failed", images=(str(folder),)))
     assert status == 2 and "expected with resume (--resume)" in err
 
 
 def test_records_only_with_no_masks_and_no_overlay(artifact, photos, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    status, printed, _ = _main(
+    status, printed, _ = run_cli(
         _args(artifact, out, "--no-masks", "--no-overlay", images=(str(photos / "a"),))
     )
     assert status == 0 and "overlays:" not in printed
@@ -454,7 +447,7 @@ def test_a_killed_run_resumes_to_the_outputs_of_an_uninterrupted_one(
     assert _leftovers(out) == [] and not (out / "coco.json").exists()
     with results.open("ab") as fh:
         fh.write(b'{"index": 23, "path": "torn by a cra')  # what kill -9 mid-append leaves
-    status, printed, err = _main([*args, "--resume"])
+    status, printed, err = run_cli([*args, "--resume"])
     assert status == 0, err
     assert f"{written.count(chr(10))} done before" in printed
     assert_same_outputs(uninterrupted, out)
@@ -497,7 +490,7 @@ def test_resume_refuses_another_job_and_writes_nothing(reference, artifact, phot
     phrases = [*_args(artifact, out, "--resume", *same, images=(str(photos),)), "--prompt", "a bird"]
     cases.append((phrases, "phrases"))
     for args, message in cases:
-        status, _, err = _main(args)
+        status, _, err = run_cli(args)
         assert status == 2 and message in err and len(err.strip().splitlines()) == 1, (message, err)
     assert _snapshot(out) == before
 
@@ -509,7 +502,7 @@ def test_force_never_touches_a_directory_that_is_not_ours(
     foreign.mkdir()
     (foreign / "thesis.tex").write_text("years of work")
     for extra in ((), ("--force",), ("--resume",)):
-        status, _, err = _main(_args(artifact, foreign, *extra, images=(str(photos / "gray.png"),)))
+        status, _, err = run_cli(_args(artifact, foreign, *extra, images=(str(photos / "gray.png"),)))
         assert status == 2 and "no run.json" in err and len(err.strip().splitlines()) == 1, err
         assert sorted(p.name for p in foreign.iterdir()) == ["thesis.tex"]
     # a run.json that is not ours (another tool's) protects the directory too
@@ -517,13 +510,13 @@ def test_force_never_touches_a_directory_that_is_not_ours(
     (foreign / "masks").mkdir()
     (foreign / "masks" / "label.png").write_bytes(b"precious")
     for extra in ((), ("--force",), ("--resume",)):
-        status, _, err = _main(_args(artifact, foreign, *extra, images=(str(photos / "gray.png"),)))
+        status, _, err = run_cli(_args(artifact, foreign, *extra, images=(str(photos / "gray.png"),)))
         assert status == 2 and "that is not ours" in err and len(err.strip().splitlines()) == 1, err
         assert (foreign / "masks" / "label.png").read_bytes() == b"precious"
     assert sorted(p.name for p in foreign.iterdir()) == ["masks", "run.json", "thesis.tex"]
     monkeypatch.chdir(foreign)
     for out in (".", str(tmp_path)):
-        status, _, err = _main(_args(artifact, Path(out), "--force", images=(str(photos / "gray.png"),)))
+        status, _, err = run_cli(_args(artifact, Path(out), "--force", images=(str(photos / "gray.png"),)))
         assert status == 2 and "current directory or one of its parents" in err, err
     assert sorted(p.name for p in foreign.iterdir()) == ["masks", "run.json", "thesis.tex"]
 
@@ -665,7 +658,7 @@ def test_segment_batch_in_your_own_ray_data_pipeline(ray_cluster, artifact, phot
 def test_ray_missing_is_one_line_naming_the_extra(artifact, photos, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now fails as if not installed
     out = tmp_path / "out"
-    status, _, err = _main(_args(artifact, out, "--engine", "ray", images=(str(photos / "gray.png"),)))
+    status, _, err = run_cli(_args(artifact, out, "--engine", "ray", images=(str(photos / "gray.png"),)))
     assert (
         status == 2 and "pip install 'sam3-exportable[ray]'" in err and len(err.strip().splitlines()) == 1
     ), err
@@ -677,7 +670,7 @@ def test_an_unreachable_cluster_is_one_line_and_nothing_is_written(artifact, pho
         closed.bind(("127.0.0.1", 0))
         address = f"127.0.0.1:{closed.getsockname()[1]}"
     out = tmp_path / "out"
-    status, _, err = _main(
+    status, _, err = run_cli(
         _args(artifact, out, "--engine", "ray", "--ray-address", address, images=(str(photos / "gray.png"),))
     )
     assert status == 2 and f"--ray-address {address}: expected a running Ray cluster" in err, err
@@ -689,7 +682,7 @@ def test_malformed_resume_state_is_one_line_naming_the_file_and_line(
 ) -> None:
     out = tmp_path / "out"
     image = (str(photos / "gray.png"),)
-    assert _main(_args(artifact, out, images=image))[0] == 0
+    assert run_cli(_args(artifact, out, images=image))[0] == 0
     results = out / "results.jsonl"
     good = results.read_text()
     for bad, expected in (
@@ -698,7 +691,7 @@ def test_malformed_resume_state_is_one_line_naming_the_file_and_line(
         ("not json\n", "line 2: expected a JSON object"),
     ):
         results.write_text(good + bad)
-        status, _, err = _main(_args(artifact, out, "--resume", images=image))
+        status, _, err = run_cli(_args(artifact, out, "--resume", images=image))
         assert status == 2 and "results.jsonl" in err and expected in err, err
         assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
         assert results.read_text() == good + bad  # nothing was rewritten
@@ -712,7 +705,7 @@ def test_one_run_per_out_and_a_stale_lock_is_no_obstacle(artifact, photos, tmp_p
 
     out = tmp_path / "out"
     image = (str(photos / "gray.png"),)
-    assert _main(_args(artifact, out, images=image))[0] == 0
+    assert run_cli(_args(artifact, out, images=image))[0] == 0
     assert not (out / LOCK_FILE).exists()  # released, and its file removed, at the end
     before = (out / "results.jsonl").read_bytes()
     fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT)  # another run holds the directory
@@ -720,14 +713,14 @@ def test_one_run_per_out_and_a_stale_lock_is_no_obstacle(artifact, photos, tmp_p
     fcntl.flock(fd, fcntl.LOCK_EX)
     try:
         for extra in (("--resume",), ("--force",)):
-            status, _, err = _main(_args(artifact, out, *extra, images=image))
+            status, _, err = run_cli(_args(artifact, out, *extra, images=image))
             assert status == 2 and "a run in progress (pid 4242)" in err, err
             assert len(err.strip().splitlines()) == 1
         assert (out / "results.jsonl").read_bytes() == before
     finally:
         os.close(fd)  # the holder dies: its lock file stays, its flock is gone
     assert (out / LOCK_FILE).exists()
-    status, _, err = _main(_args(artifact, out, "--force", images=image))
+    status, _, err = run_cli(_args(artifact, out, "--force", images=image))
     assert status == 0, err
     assert (out / "results.jsonl").read_bytes() == before and not (out / LOCK_FILE).exists()
 
@@ -744,13 +737,13 @@ def test_resume_runs_a_changed_image_again_and_keeps_one_line_per_image(
     for name in ("a.png", "b.png"):
         Image.new("RGB", (48, 32), (10, 200, 30)).save(folder / name)
     out = tmp_path / "out"
-    assert _main(_args(artifact, out, images=(str(folder),)))[0] == 0
+    assert run_cli(_args(artifact, out, images=(str(folder),)))[0] == 0
     before = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [r["source"]["size"] for r in before] == [os.path.getsize(folder / n) for n in ("a.png", "b.png")]
     Image.new("RGB", (64, 40), (200, 10, 90)).save(folder / "b.png")  # b changed since
     stat = os.stat(folder / "b.png")
     os.utime(folder / "b.png", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
-    status, _, err = _main(_args(artifact, out, "--resume", images=(str(folder),)))
+    status, _, err = run_cli(_args(artifact, out, "--resume", images=(str(folder),)))
     assert status == 0, err
     after = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [r["index"] for r in after] == [0, 1]  # one line per image
@@ -762,7 +755,7 @@ def test_resume_runs_a_changed_image_again_and_keeps_one_line_per_image(
 def test_a_dangling_symlink_out_and_a_bom_in_a_list_are_named(artifact, photos, tmp_path: Path) -> None:
     dangling = tmp_path / "out"
     dangling.symlink_to(tmp_path / "nowhere", target_is_directory=True)
-    status, _, err = _main(_args(artifact, dangling, images=(str(photos / "gray.png"),)))
+    status, _, err = run_cli(_args(artifact, dangling, images=(str(photos / "gray.png"),)))
     assert status == 2 and "is a symbolic link to" in err and "which does not exist" in err, err
     listing = tmp_path / "list.txt"
     listing.write_bytes(b"\xef\xbb\xbf" + str(photos / "gray.png").encode() + b"\n")  # a BOM first
@@ -780,16 +773,16 @@ def test_resume_after_the_manifest_copy_is_removed_or_the_artifact_moved(
     shutil.copy2(f"{artifact}.json", f"{moved}.json")
     out = tmp_path / "run"
     image = (str(photos / "gray.png"),)
-    status, _, err = _main(_args(moved, out, images=image))
+    status, _, err = run_cli(_args(moved, out, images=image))
     assert status == 0, err
     lines = (out / "results.jsonl").read_text()
     Path(f"{moved}.json").unlink()  # deployed without the copy: the hash of the file is unknown now
-    status, printed, err = _main(_args(moved, out, "--resume", images=image))
+    status, printed, err = run_cli(_args(moved, out, "--resume", images=image))
     assert status == 0 and "1 done before" in printed, err
-    status, printed, err = _main(_args(artifact, out, "--resume", images=image))  # same export, elsewhere
+    status, printed, err = run_cli(_args(artifact, out, "--resume", images=image))  # same export, elsewhere
     assert status == 0 and "1 done before" in printed, err
     assert (out / "results.jsonl").read_text() == lines
-    status, _, err = _main(_args(onnx_pair[0], out, "--resume", images=image))
+    status, _, err = run_cli(_args(onnx_pair[0], out, "--resume", images=image))
     assert status == 2 and len(err.strip().splitlines()) == 1, err
     assert "another export" in err and str(onnx_pair[0].resolve()) in err, err
     assert (out / "results.jsonl").read_text() == lines

@@ -3,15 +3,13 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import eager, run_in_onnxruntime_only
+from conftest import eager, run_cli, run_in_onnxruntime_only
 from PIL import Image
 from sam3.model.sam3_image_processor import Sam3Processor
 from torch.export import Dim
@@ -353,13 +351,6 @@ def test_the_manifest_records_the_box_inputs(box_pt2) -> None:
 # -- the command line and batch jobs -----------------------------------------------------------
 
 
-def _main(args: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        status = main(args)
-    return status, out.getvalue(), err.getvalue()
-
-
 def _predict(model: Path, out: Path, *extra: str) -> list[str]:
     args = ["predict", "--model", str(model), "--out", str(out), "--threshold", str(THRESHOLD)]
     return [*args, "--malloc", "default", "--threads", "1", "--no-overlay", *extra]
@@ -381,7 +372,7 @@ def photo_files(images, tmp_path_factory) -> list[Path]:
 def test_predict_box_and_negative_box_equal_the_predictor(predictor, photo_files, box_pt2, tmp_path) -> None:
     out = tmp_path / "one"
     args = ["--image", str(photo_files[0]), "--prompt", "a dog", "--box", "40,30,150,120"]
-    status, _, err = _main(_predict(box_pt2, out, *args, "--negative-box", "200,50,300,180"))
+    status, _, err = run_cli(_predict(box_pt2, out, *args, "--negative-box", "200,50,300,180"))
     assert status == 0, err
     (line,) = _lines(out).values()
     (phrase,) = line["phrases"]
@@ -401,7 +392,7 @@ def test_predict_box_and_negative_box_equal_the_predictor(predictor, photo_files
     coco = json.loads((out / "coco.json").read_text())
     assert coco["images"][0]["prompt_boxes"] == [phrase["prompt_boxes"]]
     # boxes alone: no --prompt; recorded under upstream's phrase for it
-    status, _, err = _main(
+    status, _, err = run_cli(
         _predict(box_pt2, tmp_path / "alone", "--image", str(photo_files[0]), "--box", "40,30,150,120")
     )
     assert status == 0, err
@@ -428,7 +419,7 @@ def test_a_box_file_per_image_runs_alike_on_both_engines(box_pt2, photo_files, t
         "--boxes",
         str(box_file),
     ]
-    status, _, err = _main(
+    status, _, err = run_cli(
         _predict(box_pt2, tmp_path / "local", *common, "--batch-size", "2", "--max-pairs", "4")
     )
     assert status == 0, err
@@ -436,13 +427,13 @@ def test_a_box_file_per_image_runs_alike_on_both_engines(box_pt2, photo_files, t
     assert [len(p["prompt_boxes"]) for p in lines[str(photo_files[1])]["phrases"]] == [1, 2]
     assert [len(p["prompt_boxes"]) for p in lines[str(photo_files[0])]["phrases"]] == [0, 0]
     args = [*common, "--batch-size", "2", "--max-pairs", "4", "--engine", "ray", "--workers", "1"]
-    status, _, err = _main(_predict(box_pt2, tmp_path / "ray", *args))
+    status, _, err = run_cli(_predict(box_pt2, tmp_path / "ray", *args))
     assert status == 0, err
     local, ray = (tmp_path / "local" / "results.jsonl"), (tmp_path / "ray" / "results.jsonl")
     assert local.read_text() == ray.read_text()
     # another set of boxes is another job
     box_file.write_text(json.dumps({**rows, "boxes": [[[10, 20, 120, 201]], []]}) + "\n")
-    status, _, err = _main(
+    status, _, err = run_cli(
         _predict(box_pt2, tmp_path / "local", *common, "--batch-size", "2", "--max-pairs", "4", "--resume")
     )
     assert status == 2 and "boxes (" in err and len(err.strip().splitlines()) == 1, err
@@ -472,7 +463,7 @@ def test_box_refusals_are_one_line(tiny_artifact, box_pt2, photo_files, tmp_path
         ),
     ]
     for args, message in cases:
-        status, _, err = _main(args)
+        status, _, err = run_cli(args)
         assert status == 2 and message in err and len(err.strip().splitlines()) == 1, (message, err)
         assert not Path(args[args.index("--out") + 1]).exists()
     for content, message in (
@@ -489,17 +480,17 @@ def test_box_refusals_are_one_line(tiny_artifact, box_pt2, photo_files, tmp_path
         (json.dumps({"path": "elsewhere.png", "boxes": [[]]}) + "\n", "not one of them"),
     ):
         box_file.write_text(content)
-        status, _, err = _main(
+        status, _, err = run_cli(
             _predict(box_pt2, tmp_path / "g", *image, "--prompt", "a", "--boxes", str(box_file))
         )
         assert status == 2 and message in err and len(err.strip().splitlines()) == 1, (message, err)
     # null for a phrase is no box for it (as the Predictor's None): refused for boxes alone
     box_file.write_text(json.dumps({"path": str(photo_files[0]), "boxes": [None]}) + "\n")
     assert read_box_file(box_file, 1) == {str(photo_files[0].resolve()): [[]]}
-    status, _, err = _main(_predict(box_pt2, tmp_path / "n", *image, "--boxes", str(box_file)))
+    status, _, err = run_cli(_predict(box_pt2, tmp_path / "n", *image, "--boxes", str(box_file)))
     assert status == 2 and "got 1 image(s) without a box" in err, err
     # a box outside its image fails that image alone
-    status, _, err = _main(
+    status, _, err = run_cli(
         _predict(box_pt2, tmp_path / "h", "--image", str(photo_files[0].parent), "--box", "10,210,100,250")
     )
     assert status == 1, err
