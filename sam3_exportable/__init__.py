@@ -46,6 +46,7 @@ _EXPORTS = {
     "FullSam3PipelineWrapper": "export.pipeline",
     "audit_dynamic_shapes": "export.trace",
     "export_full_pipeline": "export.trace",
+    "export_stages": "export.stages",
     "BuildRecord": "export.recipe",
     "build_artifact": "export.recipe",
     "Artifact": "artifact.loader",
@@ -80,6 +81,7 @@ if TYPE_CHECKING:  # pragma: no cover - the names type checkers see; imported la
     from .export.checkpoints import load_checkpoint  # noqa: F401
     from .export.pipeline import FullSam3PipelineWrapper  # noqa: F401
     from .export.recipe import BuildRecord, build_artifact  # noqa: F401
+    from .export.stages import export_stages  # noqa: F401
     from .export.trace import audit_dynamic_shapes, export_full_pipeline  # noqa: F401
     from .patching.engine import Patch, PatchSession, is_patched, original_of  # noqa: F401
     from .patching.selection import exportable_sam3, select_patches  # noqa: F401

@@ -170,16 +170,16 @@ def export_command(args: argparse.Namespace) -> int:
         quantize=args.quantize,
         stages=stages,
         boxes=args.boxes,
+        staged=args.stages,
     )
     for kind, parity in record.parity.items():
         for line in format_parity(parity, "" if kind == "pt2" else kind):
             print(f"  {line}")
         verdict = record.verdict(kind)
-        if kind == "pt2":
-            print(
-                f"  verify: exported {'==' if verdict else 'differs from'} eager"
-                f"{', bitwise' if verdict else ''}"
-            )
+        if kind in ("pt2", "pt2-stages"):
+            what = "ground(encode_images(x))" if kind == "pt2-stages" else "exported"
+            same = "== eager, bitwise" if verdict else "differs from eager"
+            print(f"  verify: {what} {same}")
         elif verdict is None:
             print(f"  verify: {kind} is approximate by design: reported above, not checked")
         else:
@@ -414,6 +414,12 @@ def build_parser() -> argparse.ArgumentParser:
         "inputs besides the phrases, K boxes per pair dynamic",
     )
     exp.add_argument(
+        "--stages",
+        action="store_true",
+        help="also write the graph's two stages into the .pt2 (encode_images, ground; weights "
+        "stored once): a Predictor then encodes an image once for all its prompts",
+    )
+    exp.add_argument(
         "--aoti",
         action="store_true",
         help="also compile an AOTInductor package <out>.aoti.pt2 from the same program (minutes)",
@@ -557,7 +563,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--skip",
         type=_name_list,
-        help="comma-separated sections to leave out: loads, allocator, scaling, profiles, throughput, boxes",
+        help="comma-separated sections to leave out: loads, allocator, scaling, profiles, throughput, "
+        "boxes, stages",
     )
     again_bench = bench.add_mutually_exclusive_group()
     again_bench.add_argument("--resume", action="store_true", help="continue OUT/results.json")

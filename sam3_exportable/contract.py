@@ -25,6 +25,7 @@ parity checks and benchmarks use.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -40,7 +41,10 @@ __all__ = [
     "NORMALIZE_STD",
     "OUTPUT_NAMES",
     "check_box_inputs",
+    "check_features",
+    "check_image_input",
     "check_inputs",
+    "check_token_input",
     "dynamic_dims",
     "input_names",
     "is_torch_tensor",
@@ -129,33 +133,87 @@ def check_inputs(
     """Raise :class:`InputSpecError` naming the input, what was expected and what came.
 
     Accepts numpy arrays or torch tensors. Checks type, rank, sizes, dtype, a non-empty
-    batch and prompt list, finite pixels, and token ids in ``[0, vocab_size)`` (skipped when
-    ``vocab_size`` is None, e.g. for artifacts whose manifest does not record it).
+    batch and prompt list, finite pixels (:func:`check_image_input`), and token ids in
+    ``[0, vocab_size)`` (:func:`check_token_input`; the range is skipped when ``vocab_size``
+    is None, e.g. for artifacts whose manifest does not record it).
     """
-    s, length = image_size, context_length
     for name, value in (("images", images), ("token_ids", token_ids)):
         if not _is_array(value):
             raise InputSpecError(f"{name}: expected a numpy array or torch.Tensor, got {_describe(value)}")
+    check_image_input(images, image_size=image_size)
+    check_token_input(token_ids, context_length=context_length, vocab_size=vocab_size)
+
+
+def check_image_input(images: Any, *, image_size: int) -> None:
+    """Raise :class:`InputSpecError` unless ``images`` is a float32 ``[B, 3, S, S]`` array or
+    tensor (``S = image_size``, ``B >= 1``) of finite values."""
+    s = image_size
+    if not _is_array(images):
+        raise InputSpecError(f"images: expected a numpy array or torch.Tensor, got {_describe(images)}")
     if len(images.shape) != 4 or tuple(images.shape[1:]) != (3, s, s):
         raise InputSpecError(f"images: expected shape [B, 3, {s}, {s}], got {list(images.shape)}")
     if images.shape[0] < 1:
         raise InputSpecError("images: expected a batch of at least one image, got B=0")
     if _dtype(images) != "float32":
         raise InputSpecError(f"images: expected dtype float32, got {_dtype(images)}")
+    finite = images.isfinite() if is_torch_tensor(images) else np.isfinite(images)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        raise InputSpecError(f"images: expected finite values, got {bad} NaN or infinite values")
+
+
+def check_token_input(token_ids: Any, *, context_length: int, vocab_size: int | None) -> None:
+    """Raise :class:`InputSpecError` unless ``token_ids`` is an int64 ``[P, context_length]``
+    array or tensor, ``P >= 1``, with ids in ``[0, vocab_size)`` (unchecked for None)."""
+    length = context_length
+    if not _is_array(token_ids):
+        raise InputSpecError(f"token_ids: expected a numpy array or torch.Tensor, got {_describe(token_ids)}")
     if len(token_ids.shape) != 2 or token_ids.shape[1] != length:
         raise InputSpecError(f"token_ids: expected shape [P, {length}], got {list(token_ids.shape)}")
     if token_ids.shape[0] < 1:
         raise InputSpecError("token_ids: expected at least one prompt, got P=0")
     if _dtype(token_ids) != "int64":
         raise InputSpecError(f"token_ids: expected dtype int64, got {_dtype(token_ids)}")
-    finite = images.isfinite() if is_torch_tensor(images) else np.isfinite(images)
-    if not bool(finite.all()):
-        bad = int((~finite).sum())
-        raise InputSpecError(f"images: expected finite values, got {bad} NaN or infinite values")
     if vocab_size is not None:
         low, high = int(token_ids.min()), int(token_ids.max())
         if low < 0 or high >= vocab_size:
             raise InputSpecError(f"token_ids: expected values in [0, {vocab_size}), got [{low}, {high}]")
+
+
+def check_features(features: Any, specs: Sequence[tuple[str, Sequence[int | str], str]]) -> int:
+    """Raise :class:`InputSpecError` unless ``features`` (a sequence of numpy arrays or torch
+    tensors) fits ``specs``: one ``(name, shape, dtype)`` per feature, in order, ``shape``
+    with the symbolic ``"batch"`` first and ints after (a staged artifact's manifest, its
+    ``stages.features``), every feature with the same batch ``B >= 1``. Returns ``B``."""
+    if isinstance(features, (str, bytes)) or not isinstance(features, Sequence):
+        raise InputSpecError(
+            f"features: expected a sequence of {len(specs)} arrays (encode_images' output), "
+            f"got {_describe(features)}"
+        )
+    if len(features) != len(specs):
+        raise InputSpecError(
+            f"features: expected {len(specs)} arrays ({', '.join(n for n, _, _ in specs)}), "
+            f"got {len(features)}"
+        )
+    batch: int | None = None
+    for value, (name, shape, dtype) in zip(features, specs, strict=True):
+        if not _is_array(value):
+            raise InputSpecError(
+                f"features.{name}: expected a numpy array or torch.Tensor, got {_describe(value)}"
+            )
+        fixed = list(shape[1:])
+        if len(value.shape) != len(shape) or list(value.shape[1:]) != fixed:
+            raise InputSpecError(f"features.{name}: expected shape {list(shape)}, got {list(value.shape)}")
+        if _dtype(value) != dtype:
+            raise InputSpecError(f"features.{name}: expected dtype {dtype}, got {_dtype(value)}")
+        b = int(value.shape[0])
+        if batch is None:
+            batch = b
+        elif b != batch:
+            raise InputSpecError(f"features.{name}: expected batch {batch} as the other features, got {b}")
+    if not batch:
+        raise InputSpecError("features: expected a batch of at least one image, got B=0")
+    return batch
 
 
 def padding_boxes(batch: int, prompts: int, like: Any) -> tuple[Any, Any, Any]:

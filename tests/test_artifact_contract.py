@@ -22,7 +22,7 @@ COMPLETE = {
     "format", "format_version", "kind", "artifact_id", "created", "exported_by", "versions", "model",
     "patches", "inputs", "outputs", "image_size", "context_length", "vocab_size", "normalize",
     "tokenizer", "autocast_dtype", "audit", "size_hints", "strict", "source", "data_files", "aoti",
-    "onnx", "file",
+    "onnx", "stages", "file",
 }  # fmt: skip
 
 

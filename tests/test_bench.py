@@ -131,6 +131,8 @@ def test_narrowed_plans_keep_what_was_asked_and_refuse_the_rest(capsys) -> None:
     assert plan.throughput == full.throughput and plan.scaling_prompts == full.scaling_prompts
     assert plan.box_counts == full.box_counts == [1, 4, 16]
     assert narrowed(full, skip=["boxes"]).box_counts == []
+    assert (full.stage_autocasts, full.follow_up_phrases) == (["none", "bf16"], 8)
+    assert narrowed(full, skip=["stages"]).stage_autocasts == []
     assert narrowed(full, variants=["exported"]).profiles == [("exported", 1, 1), ("exported", 2, 1)]
     with pytest.raises(ValueError, match=r"--variants: expected some of eager, .*got fp64"):
         narrowed(full, variants=["fp64"])
@@ -167,7 +169,7 @@ def test_quick_bench_writes_results_and_plots(quick_run: tuple[Path, int]) -> No
     out, status = quick_run
     assert status == 0
     doc = json.loads((out / "results.json").read_text())
-    assert doc["schema"] == SCHEMA and doc["schema_version"] == 4
+    assert doc["schema"] == SCHEMA and doc["schema_version"] == 5
     assert doc["size"] == "tiny" and doc["quick"] is True
     for key in ("torch", "sam3", "torchvision", "python"):
         assert doc["versions"][key]
@@ -279,6 +281,22 @@ def test_quick_bench_times_exemplar_boxes(quick_run: tuple[Path, int]) -> None:
     assert all(len(v["share"]) == doc["plan"]["runs"] for v in geometry.values())
     summary = (out / "summary.md").read_text()
     assert "## Exemplar boxes (1 image x 1 phrase)" in summary and "| K = 4 |" in summary
+
+
+def test_quick_bench_asks_one_image_phrases_in_turn(quick_run: tuple[Path, int]) -> None:
+    """The stages section: the staged fp32 .pt2, 3 phrases on one image, cached and not."""
+    out, _ = quick_run
+    doc = json.loads((out / "results.json").read_text())
+    (row,) = doc["stages"]["rows"]
+    assert row["autocast"] == "none" and row["phrases"] == 3, row
+    assert row["first_s"] > 0 and _is_stat(row["follow_up_s"]) and row["follow_up_speedup"] > 0
+    assert row["sequence_uncached_s"] > 0 and row["sequence_speedup"] > 0 and row["peak_rss_gib"] > 0
+    job = doc["jobs"]["stages/fp32"]
+    assert len(job["cached_s"]) == len(job["uncached_s"]) == 3
+    assert job["cache"]["misses"] == 2 and job["cache"]["hits"] == 2  # warm-up image, then the image once
+    assert doc["jobs"]["export/fp32-staged"]["size_bytes"] > 0
+    summary = (out / "summary.md").read_text()
+    assert "## Stages: one image, phrases asked in turn" in summary and "| fp32 |" in summary
 
 
 def test_bf16_targets_are_not_applicable_where_bf16_is_emulated(quick_run: tuple[Path, int]) -> None:

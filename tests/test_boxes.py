@@ -183,7 +183,9 @@ def test_the_audit_catches_a_guard_that_specializes() -> None:
         strict=False,
     )
     with pytest.raises(DynamicShapeAuditError, match=r"input guard .* rejects"):
-        audit_dynamic_shapes(ep, ((0, 0, "batch"), (1, 0, "num_prompts")))
+        audit_dynamic_shapes(
+            ep, ((0, 0, "batch"), (1, 0, "num_prompts"), (2, 0, "batch"), (2, 1, "num_prompts"))
+        )
 
 
 def test_the_onnx_kind_runs_with_onnxruntime_only_and_matches_the_pt2(

@@ -11,14 +11,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import assert_bitwise, eager, example_inputs, run_in_fresh_process, run_in_onnxruntime_only
+from conftest import (
+    assert_bitwise,
+    eager,
+    example_inputs,
+    run_cli,
+    run_in_fresh_process,
+    run_in_onnxruntime_only,
+)
 from PIL import Image
 from pycocotools import mask as mask_utils
 
 import sam3_exportable as s3e
 from sam3_exportable.artifact import save_pipeline
 from sam3_exportable.batch import DEFAULT_MAX_PAIRS
-from sam3_exportable.export import audit_dynamic_shapes, export_full_pipeline
+from sam3_exportable.export import audit_dynamic_shapes, export_full_pipeline, export_stages
 from sam3_exportable.predict import Predictor, load_image
 from sam3_exportable.verify import compare_parity, exceeded_bounds, format_parity, same_instances
 
@@ -35,6 +42,14 @@ def full_wrapper() -> s3e.FullSam3PipelineWrapper:
 @pytest.fixture(scope="module")
 def full_ep(full_wrapper) -> torch.export.ExportedProgram:
     return export_full_pipeline(full_wrapper.model)
+
+
+@pytest.fixture(scope="module")
+def full_staged_pt2(full_wrapper, full_ep, tmp_path_factory) -> Path:
+    """The full program saved with its two stages (``export --stages``), weights stored once."""
+    path = tmp_path_factory.mktemp("staged") / "sam3.pt2"
+    save_pipeline(full_ep, path, stages=export_stages(full_wrapper.model))
+    return path
 
 
 def _eager(wrapper, batch: int, prompts: int):
@@ -73,13 +88,31 @@ def test_full_save_and_load_in_fresh_process(full_wrapper, full_ep, tmp_path: Pa
     assert_bitwise(_eager(full_wrapper, 1, 1), outputs)
 
 
-def test_full_predict_matches_upstream_processor(full_wrapper, full_ep) -> None:
+_PREDICTED: dict[str, object] = {}
+
+
+def _grace_hopper():
     import matplotlib.cbook
+
+    return load_image(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
+
+
+def _one_graph_person(full_ep):
+    """The one graph's ``predict`` of grace_hopper.jpg x "a person", threshold 0 (random
+    weights: every query kept, so comparisons are not vacuous); computed once per module."""
+    if "person" not in _PREDICTED:
+        _PREDICTED["person"] = Predictor(full_ep).predict([_grace_hopper()], ["a person"], threshold=0.0)[0][
+            0
+        ]
+    return _PREDICTED["person"]
+
+
+def test_full_predict_matches_upstream_processor(full_wrapper, full_ep) -> None:
     from sam3.model.sam3_image_processor import Sam3Processor
 
-    image = load_image(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
-    threshold = 0.0  # random weights: keep every query so the comparison is not vacuous
-    ours = Predictor(full_ep).predict([image], ["a person"], threshold=threshold)[0][0]
+    image = _grace_hopper()
+    threshold = 0.0
+    ours = _one_graph_person(full_ep)
     with s3e.exportable_sam3():
         processor = Sam3Processor(full_wrapper.model, resolution=1008, device="cpu")
         processor.confidence_threshold = threshold
@@ -88,6 +121,31 @@ def test_full_predict_matches_upstream_processor(full_wrapper, full_ep) -> None:
     assert torch.equal(ours.scores, ref["scores"])
     assert torch.equal(ours.boxes, ref["boxes"])
     assert torch.equal(ours.masks, ref["masks"])
+
+
+def test_full_follow_up_prompt_on_a_cached_image_equals_the_one_graph(
+    full_wrapper, full_ep, full_staged_pt2
+) -> None:
+    """A labelling tool's second question: the staged artifact's Predictor encodes the image
+    for "a dog", then answers "a person" from its cache (the prompt stage alone), bitwise
+    what the one graph answers in one call (the speed-up is the bench's to measure)."""
+    from sam3_exportable.artifact import read_manifest
+
+    manifest = read_manifest(full_staged_pt2)  # three programs, the weights' bytes once
+    weights = sum(p.numel() * p.element_size() for p in full_wrapper.model.parameters())
+    assert manifest.file is not None and weights < manifest.file.size_bytes <= 1.10 * weights
+    assert manifest.stages is not None and manifest.stages.features[0].shape == ("batch", 256, 288, 288)
+    print(f"staged artifact {manifest.file.size_bytes / 2**30:.3f} GiB, weights {weights / 2**30:.3f} GiB")
+    predictor = Predictor(full_staged_pt2)
+    image = _grace_hopper()
+    predictor.kept_pairs([image], ["a dog"], threshold=0.0)
+    follow_up = predictor.predict([image], ["a person"], threshold=0.0)[0][0]
+    assert (predictor.cache.misses, predictor.cache.hits, len(predictor.cache)) == (1, 1, 1)
+    expected = _one_graph_person(full_ep)
+    assert follow_up.scores.shape == (200,)
+    assert torch.equal(follow_up.scores, expected.scores)
+    assert torch.equal(follow_up.boxes, expected.boxes)
+    assert torch.equal(follow_up.masks, expected.masks)
 
 
 # -- batch jobs at full size -----------------------------------------------------------------
@@ -103,11 +161,11 @@ _PEAK_OF_CHILD = (
 )
 
 
-def test_full_predict_with_32_phrases_stays_under_8_gib(full_ep, tmp_path: Path) -> None:
+def test_full_predict_with_32_phrases_stays_under_8_gib(full_staged_pt2, tmp_path: Path) -> None:
     """`predict` over one full-size image x 32 phrases with the default --max-pairs and the
-    default malloc policy: the peak RSS of its process stays within the bound."""
-    artifact = tmp_path / "sam3.pt2"
-    save_pipeline(full_ep, artifact)
+    default malloc policy, on the staged artifact (the image encoded once, 8 calls of the
+    prompt stage): the peak RSS of its process stays within the bound."""
+    artifact = full_staged_pt2
     folder = tmp_path / "images"
     folder.mkdir()
     rng = np.random.default_rng(0)
@@ -175,18 +233,12 @@ def test_full_onnx_in_an_onnxruntime_only_process_within_bounds(
 
 def _cli(args: list[str]) -> None:
     """``sam3-exportable ARGS`` in this process at its thread count, which is kept."""
-    import contextlib
-    import io
-
-    from sam3_exportable.cli import main
-
-    threads, err = torch.get_num_threads(), io.StringIO()
+    threads = torch.get_num_threads()
     try:
-        with contextlib.redirect_stderr(err):
-            status = main([*args, "--threads", str(threads), "--malloc", "default"])
+        status, _, err = run_cli([*args, "--threads", str(threads), "--malloc", "default"])
     finally:
         torch.set_num_threads(threads)
-    assert status == 0, err.getvalue()
+    assert status == 0, err
 
 
 @pytest.fixture(scope="module")

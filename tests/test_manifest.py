@@ -22,6 +22,7 @@ from sam3_exportable.artifact.manifest import (
     ModelInfo,
     OnnxInfo,
     SourceRef,
+    StagesInfo,
     TensorSpec,
 )
 from sam3_exportable.errors import ArtifactError
@@ -74,6 +75,12 @@ def _full(kind: str) -> Manifest:
         onnx=OnnxInfo(18, True, {"providers": ["CPUExecutionProvider"]}, ("com.microsoft.X",), {"w": "QInt8"})
         if kind == "onnx"
         else None,
+        stages=StagesInfo(
+            features=(TensorSpec("backbone_fpn_0", ("batch", 64, 64, 64), "float32"),),
+            audits={"ground": {"ranges": {"batch": [1, "inf"]}}},
+        )
+        if kind == "pt2"
+        else None,
         file=FileRecord(f"sam3.{kind}", SHA, 4567),
     )
 
@@ -96,7 +103,7 @@ def test_every_field_of_every_kind_round_trips(kind: str) -> None:
     )
     for field in dataclasses.fields(Manifest):  # the fixture sets every field
         if field.name != "kind" and (
-            field.name not in ("data_files", "aoti", "onnx") or getattr(manifest, field.name)
+            field.name not in ("data_files", "aoti", "onnx", "stages") or getattr(manifest, field.name)
         ):
             assert getattr(manifest, field.name) != getattr(defaults, field.name), field.name
     doc = manifest.to_json()

@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import abc
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ..contract import check_box_inputs, check_inputs, padding_boxes
+from ..contract import (
+    check_box_inputs,
+    check_features,
+    check_image_input,
+    check_inputs,
+    check_token_input,
+    padding_boxes,
+)
 from ..errors import InputSpecError
-from .manifest import Manifest
+from .manifest import ENCODE_IMAGES, GROUND, Manifest, StagesInfo
 
 __all__ = ["Artifact", "Outputs", "default_threads", "text_only_refusal"]
 
@@ -94,20 +102,79 @@ class Artifact(abc.ABC):
         named = [name for name, value in given.items() if value is not None]
         if named and not self.takes_boxes:
             raise text_only_refusal(", ".join(named), self.path or "this program")
+        self.check_inputs(images, token_ids)
+        inputs = [images, token_ids, *self._box_feed(int(images.shape[0]), token_ids, given, images)]
+        logits, pred_boxes, masks, presence = self._run(*inputs)
+        return logits, pred_boxes, masks, presence
+
+    def _box_feed(self, batch: int, token_ids: Any, given: dict[str, Any], like: Any) -> list[Any]:
+        """The box inputs the graph takes after ``token_ids``: none for a text-only graph, the
+        given three, or padding (one empty slot per pair) when none were given. Raises
+        :class:`~..errors.InputSpecError` for boxes to a text-only graph or one or two of three."""
+        named = [name for name, value in given.items() if value is not None]
+        if named and not self.takes_boxes:
+            raise text_only_refusal(", ".join(named), self.path or "this program")
         if named and len(named) < 3:
             missing = [name for name in given if name not in named]
             raise InputSpecError(
                 f"{', '.join(missing)}: expected with {', '.join(named)} (all three or none)"
             )
-        self.check_inputs(images, token_ids, *[v for v in given.values() if v is not None])
-        inputs = [images, token_ids]
-        if self.takes_boxes:
-            if named:
-                inputs += [boxes, box_labels, box_valid]
-            else:
-                inputs += padding_boxes(int(images.shape[0]), int(token_ids.shape[0]), images)
-        logits, pred_boxes, masks, presence = self._run(*inputs)
+        if not self.takes_boxes:
+            return []
+        if named:
+            check_box_inputs(*given.values(), batch=batch, prompts=int(token_ids.shape[0]))
+            return list(given.values())
+        return list(padding_boxes(batch, int(token_ids.shape[0]), like))
+
+    # ------------------------------------------------------------------ the two stages
+
+    @property
+    def has_stages(self) -> bool:
+        """Whether the artifact holds the two stages (exported with ``--stages``):
+        :meth:`encode_images` and :meth:`ground`."""
+        return self.manifest.stages is not None
+
+    def _require_stages(self, what: str) -> StagesInfo:
+        if self.manifest.stages is None:
+            raise InputSpecError(
+                f"{what}: expected an artifact with stages (export --stages), got the one-graph "
+                f"{self.kind} artifact {self.path or 'given'}"
+            )
+        return self.manifest.stages
+
+    def encode_images(self, images: Any) -> tuple[Any, ...]:
+        """The image stage: ``images`` (as :meth:`__call__` takes them, checked the same way)
+        to the features :meth:`ground` takes, in the order and shapes of the manifest's
+        ``stages.features``, arrays of :attr:`array_library`. Raises
+        :class:`~..errors.InputSpecError` for bad images or an artifact without stages."""
+        self._require_stages("encode_images")
+        check_image_input(images, image_size=self.image_size)
+        return tuple(self._run_stage(ENCODE_IMAGES, images))
+
+    def ground(
+        self,
+        features: Sequence[Any],
+        token_ids: Any,
+        boxes: Any = None,
+        box_labels: Any = None,
+        box_valid: Any = None,
+    ) -> Outputs:
+        """The prompt stage: :meth:`encode_images`' ``features`` of ``B`` images and
+        ``token_ids`` (and box inputs, as :meth:`__call__` takes them) to the four outputs.
+        ``ground(encode_images(x), t)`` equals ``self(x, t)`` (bitwise for ``.pt2``). Raises
+        :class:`~..errors.InputSpecError` naming a feature, input or box that does not fit."""
+        info = self._require_stages("ground")
+        batch = check_features(features, [(f.name, f.shape, f.dtype) for f in info.features])
+        check_token_input(token_ids, context_length=self.context_length, vocab_size=self.vocab_size)
+        given = {"boxes": boxes, "box_labels": box_labels, "box_valid": box_valid}
+        feed = self._box_feed(batch, token_ids, given, features[0])
+        logits, pred_boxes, masks, presence = self._run_stage(GROUND, tuple(features), token_ids, *feed)
         return logits, pred_boxes, masks, presence
+
+    def _run_stage(self, name: str, *inputs: Any) -> Any:
+        """The kind's runtime of stage ``name`` on checked inputs (``ground``'s features as one
+        tuple first). Kinds that cannot hold stages keep this refusal."""
+        raise InputSpecError(f"{name}: expected a kind that holds stages (pt2), got a {self.kind} artifact")
 
     @abc.abstractmethod
     def set_threads(self, threads: int) -> None:

@@ -56,6 +56,7 @@ __all__ = [
     "fast_load_scope",
     "gc_paused",
     "load_program",
+    "load_programs",
 ]
 
 _SERIALIZE = "torch._export.serde.serialize"
@@ -249,3 +250,16 @@ def load_program(path: str | os.PathLike[str], *, mmap_weights: bool = True) -> 
     target = Path(path)
     with gc_paused(), fast_load_scope(target if mmap_weights else None):
         return torch.export.load(target)
+
+
+def load_programs(
+    path: str | os.PathLike[str], *, mmap_weights: bool = True
+) -> dict[str, torch.export.ExportedProgram]:
+    """Every program of the archive at ``path`` by name (torch's ``load_pt2``), loaded as
+    :func:`load_program` loads one: programs whose weights share a record map the same pages.
+    Raises FastLoadUnavailable if torch's internals differ (nothing has been changed then)."""
+    from torch.export.pt2_archive._package import load_pt2
+
+    target = Path(path)
+    with gc_paused(), fast_load_scope(target if mmap_weights else None):
+        return dict(load_pt2(os.fspath(target)).exported_programs)

@@ -39,16 +39,20 @@ from .files import Staging, sha256_file
 
 __all__ = [
     "EMBEDDED_NAME",
+    "ENCODE_IMAGES",
     "FORMAT",
     "FORMAT_VERSION",
+    "GROUND",
     "KINDS",
     "ONNX_METADATA_KEY",
+    "STAGE_NAMES",
     "AotiInfo",
     "FileRecord",
     "Manifest",
     "ModelInfo",
     "OnnxInfo",
     "SourceRef",
+    "StagesInfo",
     "TensorSpec",
     "check_file",
     "manifest_path",
@@ -308,6 +312,61 @@ class OnnxInfo:
         }
 
 
+#: Names of the two stage programs in a staged ``.pt2`` archive (``models/<name>.json``).
+ENCODE_IMAGES = "encode_images"
+GROUND = "ground"
+STAGE_NAMES = (ENCODE_IMAGES, GROUND)
+
+
+@dataclasses.dataclass(frozen=True)
+class StagesInfo:
+    """The two stages a staged artifact holds beside its one graph (exported with ``--stages``).
+
+    ``encode_images(images)`` returns :attr:`features`, in order; ``ground(*features,
+    token_ids[, boxes, box_labels, box_valid])`` returns the one graph's four outputs, and
+    ``ground(encode_images(x), t)`` equals the one graph on ``(x, t)``. Each feature's shape
+    has ``"batch"`` first (the images' ``B``) and ints after.
+
+    Attributes:
+        features: name, shape and dtype of every feature (``backbone_fpn_<level>``, then the
+            ``vision_pos_enc_<level>`` of the levels grounding reads).
+        audits: per stage name, its dynamic-shape audit (as :attr:`Manifest.audit`).
+    """
+
+    features: tuple[TensorSpec, ...]
+    audits: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, doc: Any, field: str) -> StagesInfo:
+        doc = _obj(doc, field)
+        features = _need(doc.get("features"), list, f"{field}.features")
+        specs = tuple(TensorSpec.from_json(f, f"{field}.features[{i}]") for i, f in enumerate(features))
+        if not specs:
+            raise _Invalid(f"{field}.features", "expected at least one feature, got none")
+        for i, spec in enumerate(specs):
+            if (
+                not spec.shape
+                or spec.shape[0] != "batch"
+                or not all(isinstance(d, int) for d in spec.shape[1:])
+            ):
+                raise _Invalid(
+                    f"{field}.features[{i}].shape", f"expected ['batch', int, ...], got {list(spec.shape)}"
+                )
+        audits = _obj(doc.get("audits", {}), f"{field}.audits")
+        for name in audits:
+            if name not in STAGE_NAMES:
+                raise _Invalid(f"{field}.audits", f"expected stage names {list(STAGE_NAMES)}, got {name!r}")
+        return cls(
+            features=specs, audits={k: dict(_obj(v, f"{field}.audits.{k}")) for k, v in audits.items()}
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "features": [f.to_json() for f in self.features],
+            "audits": {k: dict(v) for k, v in self.audits.items()},
+        }
+
+
 @dataclasses.dataclass(frozen=True)
 class Manifest:
     """What an artifact is, what it was made from and what proves it.
@@ -333,6 +392,8 @@ class Manifest:
         source: the artifact this one was made from, if any.
         data_files: every other file the artifact needs beside it, with sha256 and size.
         aoti, onnx: the kind's own record (exactly one for those kinds, None otherwise).
+        stages: the two stage programs' record (:class:`StagesInfo`) of a staged artifact,
+            None for a one-graph artifact.
         file: the artifact file's own record; only the copy beside the file has it.
     """
 
@@ -360,6 +421,7 @@ class Manifest:
     data_files: tuple[FileRecord, ...] = ()
     aoti: AotiInfo | None = None
     onnx: OnnxInfo | None = None
+    stages: StagesInfo | None = None
     file: FileRecord | None = None
 
     # ------------------------------------------------------------------ JSON
@@ -391,6 +453,7 @@ class Manifest:
             "data_files": [f.to_json() for f in self.data_files],
             "aoti": None if self.aoti is None else self.aoti.to_json(),
             "onnx": None if self.onnx is None else self.onnx.to_json(),
+            "stages": None if self.stages is None else self.stages.to_json(),
         }
         if self.file is not None:
             doc["file"] = self.file.to_json()
@@ -477,6 +540,7 @@ class Manifest:
             ),
             aoti=None if doc.get("aoti") is None else AotiInfo.from_json(doc["aoti"], "aoti"),
             onnx=None if doc.get("onnx") is None else OnnxInfo.from_json(doc["onnx"], "onnx"),
+            stages=None if doc.get("stages") is None else StagesInfo.from_json(doc["stages"], "stages"),
             file=None if doc.get("file") is None else FileRecord.from_json(doc["file"], "file"),
         )
         manifest._check_consistent()
@@ -540,7 +604,7 @@ class Manifest:
             "data_files": (),
             "file": None,
         }
-        fields.update(aoti=None, onnx=None)
+        fields.update(aoti=None, onnx=None, stages=None)
         fields.update(changes)
         return dataclasses.replace(self, **fields)
 
@@ -555,6 +619,7 @@ class Manifest:
             "inputs": [s.to_json() for s in self.inputs],
             "outputs": [s.to_json() for s in self.outputs],
             "autocast_dtype": self.autocast_dtype,
+            "stages": None if self.stages is None else [f.to_json() for f in self.stages.features],
             "quantization": None
             if self.onnx is None or self.onnx.quantization is None
             else dict(self.onnx.quantization),

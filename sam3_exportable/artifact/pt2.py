@@ -1,11 +1,18 @@
 """``.pt2`` programs: :func:`save_pipeline` and :func:`load_pipeline`.
 
+A staged archive (``save_pipeline(..., stages=...)``) holds three programs, ``model`` (the
+one graph, what ``torch.export.load`` returns), ``encode_images`` and ``ground``, written by
+torch's own packager through :class:`_SharedPayloadWriter`, which stores each weight record
+once; the loaded :class:`Pt2Artifact` runs the stages (:attr:`Pt2Artifact.stage_programs`).
+
 A serving process needs only torch, torchvision and this package to load one; nothing here
 imports ``sam3``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import io
 import json
 import logging
@@ -15,28 +22,49 @@ import re
 import subprocess
 import sys
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch.export import ExportedProgram
+from torch.export.pt2_archive._package import PT2ArchiveWriter
 
 from ..errors import ArtifactError
 from .base import Artifact
 from .files import Staging, check_output_file, sha256_file
-from .manifest import EMBEDDED_NAME, Manifest, check_file, publish, read_manifest
+from .manifest import (
+    EMBEDDED_NAME,
+    GROUND,
+    STAGE_NAMES,
+    Manifest,
+    StagesInfo,
+    check_file,
+    publish,
+    read_manifest,
+)
 from .program import Provenance, describe_program
 
 __all__ = [
     "LoadedPipeline",
     "Pt2Artifact",
+    "StagedPrograms",
     "check_no_pickles",
     "load_pipeline",
     "load_pipeline_checked",
     "save_pipeline",
+    "write_programs",
 ]
 
 _log = logging.getLogger(__name__)
+
+
+class StagedPrograms(Protocol):
+    """What :func:`save_pipeline` takes as ``stages`` (``export.stages.StagePrograms``)."""
+
+    info: StagesInfo
+
+    def programs(self) -> Mapping[str, ExportedProgram]: ...
 
 
 def save_pipeline(
@@ -45,6 +73,7 @@ def save_pipeline(
     *,
     provenance: Provenance | None = None,
     force: bool = False,
+    stages: StagedPrograms | None = None,
 ) -> Manifest:
     """Write ``ep`` to ``path`` (``torch.export.save``, manifest inside) and the manifest copy
     ``<path>.json`` beside it, as one commit; return the manifest.
@@ -56,15 +85,102 @@ def save_pipeline(
     program without provenance. An existing file is kept unless ``force=True``
     (:class:`~..errors.OutputExistsError`, a ``FileExistsError``); an interrupt or a full disk
     leaves the previous artifact in place.
+
+    ``stages`` (:func:`..export.export_stages` of the same model and options) adds the
+    ``encode_images`` and ``ground`` programs to the archive beside the one graph
+    (``models/<name>.json``), their weights stored once (:class:`_SharedPayloadWriter`), and
+    their record to the manifest (:attr:`.manifest.Manifest.stages`).
     """
     target = check_output_file(path, force=force, what="save_pipeline path")
     doc = describe_program(ep, "pt2", provenance=provenance)
+    if stages is not None:
+        doc = dataclasses.replace(doc, stages=stages.info)
 
     def write(tmp: Path, manifest: Manifest, staging: Staging) -> Manifest:
-        torch.export.save(ep, tmp, extra_files={EMBEDDED_NAME: manifest.dumps()})
+        if stages is None:
+            torch.export.save(ep, tmp, extra_files={EMBEDDED_NAME: manifest.dumps()})
+        else:
+            write_programs(tmp, {"model": ep, **stages.programs()}, {EMBEDDED_NAME: manifest.dumps()})
         return manifest
 
     return publish(target, doc, write, force=force)
+
+
+#: Weight and constant payload records of a pt2 archive (raw tensor bytes).
+_PAYLOAD_RECORD = re.compile(r"^(data/(?:weights|constants)/)((?:weight|tensor)_)\d+$")
+_CONFIG_RECORD = re.compile(r"^data/(?:weights|constants)/[^/]+_config\.json$")
+
+
+class _SharedPayloadWriter(PT2ArchiveWriter):
+    """torch's archive writer, storing a payload record whose bytes an earlier program's
+    record already holds only once: the later program's config points at that record.
+
+    torch writes each program's payloads, then its config (``path_name`` per tensor); this
+    writer renames or drops payloads as they come and rewrites the names in the config that
+    follows. A record is shared across programs only, never between two tensors of one
+    program (torch's loader would alias them).
+    """
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self._by_content: dict[tuple[str, bytes, int], list[str]] = {}
+        self._names: set[str] = set()
+        self._renamed: dict[str, str] = {}  # this config's path_name -> record written
+        self._taken: set[str] = set()  # records this config already points at
+        self.shared_bytes = 0
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        payload = _PAYLOAD_RECORD.match(name)
+        if payload is None:
+            if _CONFIG_RECORD.match(name):
+                data = self._rename_config(data)
+            super().write_bytes(name, data)
+            return
+        folder, prefix = payload.group(1), payload.group(2)
+        key = (folder, hashlib.sha256(data).digest(), len(data))
+        for record in self._by_content.get(key, []):
+            if record not in self._taken:  # an earlier program's: share it
+                self._renamed[name[len(folder) :]] = record[len(folder) :]
+                self._taken.add(record)
+                self.shared_bytes += len(data)
+                return
+        record, index = name, len(self._names)
+        while record in self._names:  # torch counts written records: a dropped one's index recurs
+            record, index = f"{folder}{prefix}{index}", index + 1
+        self._names.add(record)
+        self._by_content.setdefault(key, []).append(record)
+        self._taken.add(record)
+        self._renamed[name[len(folder) :]] = record[len(folder) :]
+        super().write_bytes(record, data)
+
+    def _rename_config(self, data: bytes) -> bytes:
+        doc = json.loads(data)
+        for meta in (doc.get("config") or {}).values():
+            meta["path_name"] = self._renamed.get(meta["path_name"], meta["path_name"])
+        self._renamed, self._taken = {}, set()
+        return json.dumps(doc).encode()
+
+
+def write_programs(
+    path: Path, programs: Mapping[str, ExportedProgram], extra_files: Mapping[str, str]
+) -> int:
+    """Write ``programs`` (name -> program; ``"model"`` is what ``torch.export.load`` returns)
+    and ``extra_files`` into one pt2 archive at ``path`` with torch's packager, each payload
+    stored once however many programs hold it; returns the bytes shared. Raises
+    :class:`~..errors.ArtifactError` when this torch lacks the packager's parts."""
+    from torch.export.pt2_archive import _package
+
+    package = getattr(_package, "_package_exported_programs", None)
+    extras = getattr(_package, "_package_extra_files", None)
+    if package is None or extras is None:
+        raise ArtifactError(
+            f"torch {torch.__version__}: expected torch.export.pt2_archive._package to have "
+            "_package_exported_programs and _package_extra_files to write a staged artifact, got none"
+        )
+    with _SharedPayloadWriter(os.fspath(path)) as writer:
+        package(writer, dict(programs))
+        extras(writer, dict(extra_files))
+    return writer.shared_bytes
 
 
 _SHA256_CHILD = (
@@ -132,9 +248,10 @@ def check_no_pickles(target: Path) -> None:
     """Raise :class:`~..errors.ArtifactError` unless loading the ``.pt2`` at ``target``
     unpickles nothing: every weight and constant is stored as raw tensor bytes (no entry
     marked ``use_pickle``, no custom or opaque object, no legacy pickled payload), and the
-    sample inputs load with ``torch.load(weights_only=True)``. torch's loader would
-    otherwise run ``torch.load(weights_only=False)`` or ``pickle.loads`` on those entries,
-    executing whatever the file holds; programs this package exports have none of them.
+    sample inputs, where a program has any, load with ``torch.load(weights_only=True)``.
+    torch's loader would otherwise run ``torch.load(weights_only=False)`` or ``pickle.loads``
+    on those entries, executing whatever the file holds; programs this package exports have
+    none of them.
     """
     try:
         with zipfile.ZipFile(target) as archive:
@@ -159,8 +276,11 @@ def check_no_pickles(target: Path) -> None:
                             "the file, so it is refused"
                         )
             for name in (n for n in names if _SAMPLE_INPUTS.search(n)):
+                data = archive.read(name)
+                if not data:  # a program saved without example inputs (the stages)
+                    continue
                 try:
-                    torch.load(io.BytesIO(archive.read(name)), weights_only=True)
+                    torch.load(io.BytesIO(data), weights_only=True)
                 except Exception as exc:  # the restricted unpickler refuses anything but tensors
                     raise ArtifactError(
                         f"{target}: expected sample inputs of plain tensors, got {name.split('/')[-1]} "
@@ -185,6 +305,24 @@ def _load_program(target: Path, fast: bool) -> ExportedProgram:
     return torch.export.load(target)
 
 
+def _load_programs(target: Path, fast: bool) -> dict[str, ExportedProgram]:
+    """Every program of a staged archive by name (``"model"`` and the stages)."""
+    if fast:
+        from .fast_load import FastLoadUnavailable, load_programs
+
+        try:
+            return load_programs(target)
+        except FastLoadUnavailable as exc:
+            _log.warning(
+                "fast .pt2 loading is unavailable with torch %s (%s); using torch's load_pt2",
+                torch.__version__,
+                exc,
+            )
+    from torch.export.pt2_archive._package import load_pt2
+
+    return dict(load_pt2(os.fspath(target)).exported_programs)
+
+
 #: What torch raises for a file that is not a torch.export program (or a damaged one).
 _FOREIGN_FILE_ERRORS = (
     RuntimeError,
@@ -206,10 +344,19 @@ class Pt2Artifact(Artifact):
     kind = "pt2"
     array_library = "torch"
 
-    def __init__(self, program: ExportedProgram, manifest: Manifest, path: Path | None) -> None:
+    def __init__(
+        self,
+        program: ExportedProgram,
+        manifest: Manifest,
+        path: Path | None,
+        stages: Mapping[str, ExportedProgram] | None = None,
+    ) -> None:
         super().__init__(manifest, path)
         self.program = program
         self._module: Any = None
+        #: The stage programs by name (:data:`.manifest.STAGE_NAMES`) of a staged artifact.
+        self.stage_programs: dict[str, ExportedProgram] = dict(stages or {})
+        self._stage_modules: dict[str, Any] = {}
 
     @classmethod
     def from_program(cls, program: ExportedProgram) -> Pt2Artifact:
@@ -228,6 +375,16 @@ class Pt2Artifact(Artifact):
 
     def _run(self, *inputs: Any) -> Any:
         return self.module()(*(torch.as_tensor(x) for x in inputs))
+
+    def _run_stage(self, name: str, *inputs: Any) -> Any:
+        if name not in self._stage_modules:
+            self._stage_modules[name] = self.stage_programs[name].module()
+        if name == GROUND:
+            features, *rest = inputs
+            return self._stage_modules[name](
+                tuple(torch.as_tensor(x) for x in features), *(torch.as_tensor(x) for x in rest)
+            )
+        return self._stage_modules[name](*(torch.as_tensor(x) for x in inputs))
 
 
 #: The name of :class:`Pt2Artifact` in sam3-exportable 0.1.
@@ -307,7 +464,10 @@ def load_pipeline_checked(
         # Weights created under inference_mode are inference tensors, and the program then
         # runs other kernels than eager (outputs differ in the last bits): load outside it.
         with torch.inference_mode(False):
-            program = _load_program(target, fast)
+            if manifest.stages is None:
+                programs = {"model": _load_program(target, fast)}
+            else:
+                programs = _load_programs(target, fast)
     except _FOREIGN_FILE_ERRORS as exc:
         if hasher is not None and record is not None:
             check_file(target, record, hasher.result())  # a corrupt file explains the failure
@@ -323,4 +483,10 @@ def load_pipeline_checked(
         serde_log.setLevel(level)
     if hasher is not None and record is not None:
         check_file(target, record, hasher.result())
-    return Pt2Artifact(program, manifest, target)
+    missing = [name for name in ("model", *(STAGE_NAMES if manifest.stages else ())) if name not in programs]
+    if missing:
+        raise ArtifactError(
+            f"{target}: expected the programs {missing} in the archive, got {sorted(programs)}"
+        )
+    stages = {name: programs[name] for name in STAGE_NAMES} if manifest.stages else None
+    return Pt2Artifact(programs["model"], manifest, target, stages)

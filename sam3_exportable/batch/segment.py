@@ -136,7 +136,8 @@ class SegmentBatch:
         elif threads:
             artifact = as_artifact(artifact)
             artifact.set_threads(int(threads))
-        self.predictor = Predictor(artifact, max_pixels=max_pixels)
+        # each batch is encoded once for all its chunks of phrases; batches never recur
+        self.predictor = Predictor(artifact, max_pixels=max_pixels, cache_bytes=0)
         self.prompts = self.predictor.prompts(phrases)  # validated and tokenized once per job
         self.phrases = list(self.prompts.phrases)
         self.threshold = float(threshold)

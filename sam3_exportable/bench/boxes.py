@@ -21,11 +21,9 @@ from typing import Any
 import torch
 
 from .plan import BOX_EXPORT, GEOMETRY_SHARE, box_latency_key
-from .stats import stat
+from .stats import GIB, stat
 
 __all__ = ["box_configurations", "boxes_lines", "boxes_section", "synthetic_box_inputs"]
-
-GIB = float(1 << 30)
 
 
 def synthetic_box_inputs(

@@ -26,6 +26,7 @@ __all__ = [
     "artifact_name",
     "box_latency_key",
     "export_key",
+    "follow_up_key",
     "latency_key",
     "load_key",
     "narrowed",
@@ -33,6 +34,8 @@ __all__ = [
     "plan_for",
     "profile_key",
     "scaling_key",
+    "staged_artifact_name",
+    "staged_export_key",
     "throughput_key",
 ]
 
@@ -69,6 +72,21 @@ GEOMETRY_SHARE = "boxes/geometry"
 def box_latency_key(boxes: int | str) -> str:
     """``boxes/K=4`` for a box count, ``boxes/text-only`` or ``boxes/padding`` otherwise."""
     return f"boxes/K={boxes}" if isinstance(boxes, int) else f"boxes/{boxes}"
+
+
+def staged_export_key(autocast: str) -> str:
+    """``export/fp32-staged`` or ``export/bf16-staged``: a staged ``.pt2`` (:mod:`.stages`)."""
+    return f"export/{'fp32' if autocast == 'none' else autocast}-staged"
+
+
+def staged_artifact_name(autocast: str) -> str:
+    """File name (in the work dir) of the staged ``.pt2`` of ``autocast``."""
+    return "sam3-staged.pt2" if autocast == "none" else f"sam3-{autocast}-staged.pt2"
+
+
+def follow_up_key(autocast: str) -> str:
+    """``stages/fp32`` or ``stages/bf16``: one image's prompts asked in turn (:mod:`.stages`)."""
+    return f"stages/{'fp32' if autocast == 'none' else autocast}"
 
 
 def export_key(autocast: str) -> str:
@@ -155,6 +173,10 @@ class BenchPlan:
     #: exemplar boxes per pair of each box-capable latency job at (1,1) (:mod:`.boxes`);
     #: empty: no box section
     box_counts: list[int] = dataclasses.field(default_factory=list)
+    #: autocasts ("none", "bf16") of the staged artifacts of the stages section
+    #: (:mod:`.stages`), and how many phrases one image is asked in turn; empty: no section
+    stage_autocasts: list[str] = dataclasses.field(default_factory=list)
+    follow_up_phrases: int = 8
 
     @property
     def variants(self) -> list[str]:
@@ -202,6 +224,9 @@ def plan_for(
     K = 1, 4, 16 boxes per pair (``--quick``: 1, 4) against the text-only one, and the
     geometry encoder's share of an eager forward.
 
+    Stages (:mod:`.stages`): one image asked 8 phrases in turn (``--quick``: 3) with the
+    staged fp32 and bf16 ``.pt2`` (``--quick``: fp32), with the feature cache and without.
+
     Throughput (:mod:`.throughput`): ``segment_images`` over the same images with the local
     engine and with Ray at 1 and 2 workers, at the same total threads: tiny 16 images (4 with
     ``--quick``), full size 4.
@@ -248,6 +273,8 @@ def plan_for(
         # the local engine, then Ray at the same total threads: one worker, then two
         "throughput": [("local", 1, threads), ("ray", 1, threads), ("ray", 2, max(1, threads // 2))],
         "box_counts": [1, 4] if quick else [1, 4, 16],
+        "stage_autocasts": ["none"] if quick else ["none", "bf16"],
+        "follow_up_phrases": 3 if quick else 8,
     }
     if size == "tiny":
         return BenchPlan(
@@ -285,7 +312,7 @@ def plan_for(
 
 
 #: Sections of a plan that :func:`narrowed` can leave out.
-SECTIONS = ("loads", "allocator", "scaling", "profiles", "throughput", "boxes")
+SECTIONS = ("loads", "allocator", "scaling", "profiles", "throughput", "boxes", "stages")
 
 
 def narrowed(
@@ -341,4 +368,6 @@ def narrowed(
         changes.update(throughput=[], throughput_images=0)
     if "boxes" in skip:
         changes["box_counts"] = []
+    if "stages" in skip:
+        changes["stage_autocasts"] = []
     return dataclasses.replace(plan, **changes)

@@ -12,6 +12,7 @@ from ..contract import OUTPUT_NAMES
 from .boxes import boxes_lines
 from .host import capability_line
 from .plan import PROFILE_LOAD
+from .stages import stages_lines
 from .summary import TARGET_COMPARISONS
 from .throughput import throughput_lines
 
@@ -283,6 +284,7 @@ def markdown_summary(doc: dict[str, Any]) -> str:
     lines += _onnx_lines(doc.get("onnx", {}))
     lines += throughput_lines(doc.get("throughput"))
     lines += boxes_lines(doc.get("boxes"))
+    lines += stages_lines(doc.get("stages"))
     for name, prof in doc.get("jobs", {}).items():
         if not name.startswith("profile/") or name == PROFILE_LOAD or not prof.get("top_ops_by_self_cpu"):
             continue

@@ -45,11 +45,14 @@ from .plan import (
     artifact_name,
     box_latency_key,
     export_key,
+    follow_up_key,
     latency_key,
     load_key,
     outputs_name,
     profile_key,
     scaling_key,
+    staged_artifact_name,
+    staged_export_key,
     throughput_key,
 )
 from .summary import summarize
@@ -57,9 +60,10 @@ from .summary import summarize
 __all__ = ["SCHEMA", "SCHEMA_VERSION", "BenchRun", "run_bench"]
 
 SCHEMA = "sam3-exportable/bench"
-#: 4: plan.box_counts and the boxes section; 3: plan.matrix and plan.profiles, targets with
+#: 5: plan.stage_autocasts and the stages section; 4: plan.box_counts and the boxes section;
+#: 3: plan.matrix and plan.profiles, targets with
 #: applies_to, machine.cpu_flags as a dict
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 
 class BenchRun:
@@ -223,6 +227,7 @@ class BenchRun:
         self._profiles()
         self._throughput(fp32)
         self._boxes(fp32)
+        self._stages()
         self.doc["total_wall_s"] = self.doc.get("total_wall_s", 0.0) + time.perf_counter() - start
         summarize(self.doc, plan, self.read_outputs)
         self.save()
@@ -427,6 +432,16 @@ class BenchRun:
                 self.job(box_latency_key(count), spec)
         spec = {"job": "geometry_share", "counts": plan.box_counts, "runs": plan.runs}
         self.job(GEOMETRY_SHARE, spec)
+
+    def _stages(self) -> None:
+        """Staged ``.pt2`` artifacts asked one image's phrases in turn (:mod:`.stages`)."""
+        for autocast in self.plan.stage_autocasts:
+            staged = self.artifact(staged_artifact_name(autocast))
+            spec = {"job": "export", "staged": True, "autocast": autocast, "out": str(staged)}
+            export = self.job(staged_export_key(autocast), spec)
+            if "error" not in export:
+                spec = {"job": "follow_up", "path": str(staged), "phrases": self.plan.follow_up_phrases}
+                self.job(follow_up_key(autocast), spec)
 
 
 def _jsonable(value: Any) -> Any:

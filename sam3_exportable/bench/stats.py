@@ -6,7 +6,10 @@ import statistics
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["linear_fit", "stat"]
+__all__ = ["GIB", "linear_fit", "stat"]
+
+#: Bytes per GiB, for the sections' memory columns.
+GIB = float(1 << 30)
 
 
 def stat(values: Sequence[float]) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from .plan import (
     outputs_name,
     scaling_key,
 )
+from .stages import stages_section
 from .stats import linear_fit, stat
 from .throughput import throughput_section
 
@@ -420,5 +421,6 @@ def summarize(doc: dict[str, Any], plan: BenchPlan, read_outputs: OutputsReader)
     doc["scaling"] = scaling_section(jobs, plan, doc.get("scaling_skipped", []))
     doc["throughput"] = throughput_section(jobs, plan.throughput)
     doc["boxes"] = boxes_section(jobs, plan.box_counts)
+    doc["stages"] = stages_section(jobs, plan.stage_autocasts)
     doc["targets"] = targets(doc, plan)
     return doc

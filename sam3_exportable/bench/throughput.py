@@ -14,9 +14,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["job_throughput", "throughput_lines", "throughput_section"]
+from .stats import GIB
 
-GIB = float(1 << 30)
+__all__ = ["job_throughput", "throughput_lines", "throughput_section"]
 
 
 def _write_images(folder: Path, count: int, height: int, width: int, seed: int) -> None:

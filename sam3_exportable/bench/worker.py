@@ -110,6 +110,7 @@ def job_export(spec: dict[str, Any]) -> dict[str, Any]:
         formats=spec.get("formats", ["pt2"]),
         quantize=spec.get("quantize"),
         boxes=bool(spec.get("boxes", False)),
+        staged=bool(spec.get("staged", False)),
         force=True,
         stages=Stages(on_done=record),
     )
@@ -335,6 +336,33 @@ def job_profile_load(spec: dict[str, Any]) -> dict[str, Any]:
     return {"seconds_under_profiler": seconds, "cprofile_top_cumulative": lines}
 
 
+def job_follow_up(spec: dict[str, Any]) -> dict[str, Any]:
+    """One image asked ``phrases`` phrases in turn through the staged ``.pt2`` at ``path``:
+    after a warm-up call on another image, one call per phrase with the feature cache
+    (``cached_s``: the first encodes the image, the others run the prompt stage alone), then
+    the same calls without a cache (``uncached_s``: each encodes the image again)."""
+    import numpy as np
+    from PIL import Image
+
+    from ..artifact.loader import load_artifact
+    from ..predict import Predictor
+
+    artifact, load_s = _timed(lambda: load_artifact(spec["path"]))
+    rng = np.random.default_rng(int(spec.get("seed", 0)))
+    warm, image = (Image.fromarray(rng.integers(0, 255, (480, 640, 3), dtype=np.uint8)) for _ in range(2))
+    phrases = [f"object number {i}" for i in range(int(spec["phrases"]))]
+    cached, uncached = Predictor(artifact), Predictor(artifact, cache_bytes=0)
+    _, warmup_s = _timed(lambda: cached.kept_pairs([warm], phrases[:1]))
+    out: dict[str, Any] = {"load_s": load_s, "warmup_s": warmup_s, "cached_s": [], "uncached_s": []}
+    for predictor, key in ((cached, "cached_s"), (uncached, "uncached_s")):
+        for phrase in phrases:
+            _, seconds = _timed(lambda p=predictor, q=phrase: p.kept_pairs([image], [q]))
+            out[key].append(seconds)
+    out["cache"] = {"hits": cached.cache.hits, "misses": cached.cache.misses, "bytes": cached.cache.bytes}
+    out["peak_rss"] = peak_rss_bytes()
+    return out
+
+
 JOBS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "matmul_peak": job_matmul_peak,
     "export": job_export,
@@ -345,6 +373,7 @@ JOBS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "profile_load": job_profile_load,
     "throughput": job_throughput,
     "geometry_share": job_geometry_share,
+    "follow_up": job_follow_up,
 }
 
 

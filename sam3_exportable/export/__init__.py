@@ -5,6 +5,8 @@
 * :mod:`.pipeline`: :class:`FullSam3PipelineWrapper`, the whole grounding pipeline as one
   module;
 * :mod:`.trace`: :func:`export_full_pipeline` and :func:`audit_dynamic_shapes`;
+* :mod:`.stages`: :func:`export_stages`, the one graph's two stages (``encode_images``,
+  ``ground``) from the same wrapper;
 * :mod:`.recipe`: :func:`build_artifact`, build through verify in one call.
 
 This side imports upstream ``sam3``; the loading side (:mod:`..artifact`) does not.
@@ -16,6 +18,7 @@ from .builders import BuildInfo, build_info, build_model
 from .checkpoints import CheckpointReport, load_checkpoint
 from .pipeline import FullSam3PipelineWrapper, is_tracing, synthetic_inputs
 from .recipe import BuildRecord, artifact_paths, build_artifact
+from .stages import StagePrograms, export_stages
 from .trace import (
     DYNAMIC_DIMS,
     EXAMPLE_BATCH,
@@ -35,6 +38,7 @@ __all__ = [
     "BuildRecord",
     "CheckpointReport",
     "FullSam3PipelineWrapper",
+    "StagePrograms",
     "artifact_paths",
     "audit_dynamic_shapes",
     "build_artifact",
@@ -42,6 +46,7 @@ __all__ = [
     "build_model",
     "example_inputs",
     "export_full_pipeline",
+    "export_stages",
     "is_tracing",
     "load_checkpoint",
     "synthetic_inputs",

@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..artifact.program import synthetic_inputs
-from ..contract import OUTPUT_NAMES, check_box_inputs, check_inputs
+from ..contract import OUTPUT_NAMES, check_box_inputs, check_image_input, check_inputs
 from ..errors import InputSpecError
 
 __all__ = ["OUTPUT_NAMES", "FullSam3PipelineWrapper", "is_tracing", "synthetic_inputs"]
@@ -134,12 +134,38 @@ class FullSam3PipelineWrapper(nn.Module):
             box_labels=labels.flatten(0, 1).transpose(0, 1).contiguous(),
         )
 
-    def _ground(self, images: torch.Tensor, token_ids: torch.Tensor, *boxes: torch.Tensor) -> dict[str, Any]:
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        """Names of the image features :meth:`encode_images` returns, in order: every
+        ``backbone_fpn_<level>`` then the ``vision_pos_enc_<level>`` of the levels the
+        grounding reads (upstream's ``num_feature_levels`` last ones)."""
+        levels = len(self.model.backbone.vision_backbone.convs) - int(self.model.backbone.scalp)
+        used = range(levels - int(self.model.num_feature_levels), levels)
+        return tuple(f"backbone_fpn_{i}" for i in range(levels)) + tuple(f"vision_pos_enc_{i}" for i in used)
+
+    def _encode(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Upstream's ``forward_image``, reduced to what grounding reads (:attr:`feature_names`)."""
+        out = self.model.backbone.forward_image(images)
+        used = int(self.model.num_feature_levels)
+        return (*out["backbone_fpn"], *out["vision_pos_enc"][-used:])
+
+    def _ground_features(
+        self, features: tuple[torch.Tensor, ...], token_ids: torch.Tensor, *boxes: torch.Tensor
+    ) -> dict[str, Any]:
+        """Upstream's ``forward_grounding`` of every image-prompt pair on :meth:`_encode`'s features."""
         from sam3.model.data_misc import FindStage
 
-        batch, prompts = images.shape[0], token_ids.shape[0]
-        device = images.device
-        backbone_out = self.model.backbone.forward_image(images)
+        used = int(self.model.num_feature_levels)
+        fpn, pos = list(features[:-used]), list(features[-used:])
+        batch, prompts = fpn[0].shape[0], token_ids.shape[0]
+        device = fpn[0].device
+        # what forward_image returns, less the levels' position encodings grounding never reads
+        backbone_out: dict[str, Any] = {
+            "vision_features": fpn[-1],
+            "vision_pos_enc": pos,
+            "backbone_fpn": fpn,
+            "sam2_backbone_out": None,
+        }
         backbone_out.update(self.encode_text(token_ids))
         # image-major pairs: pair b * P + p holds image b and prompt p
         img_ids = torch.arange(batch, device=device).view(batch, 1).expand(batch, prompts).reshape(-1)
@@ -161,6 +187,54 @@ class FullSam3PipelineWrapper(nn.Module):
             geometric_prompt=geometric_prompt,
         )
 
+    def _numerics(self, device: torch.device) -> contextlib.ExitStack:
+        """The autocast and grad mode every stage and the one graph run under (see forward)."""
+        stack = contextlib.ExitStack()
+        if self.autocast_dtype is not None:
+            stack.enter_context(torch.autocast(device_type=device.type, dtype=self.autocast_dtype))
+        else:
+            # Inference only: in fp32, grad mode changes some CPU kernels in the last bits, so
+            # the graph fixes grad mode off for every caller. Under autocast, results do not
+            # depend on grad mode, but an exported no_grad region around autocast does not
+            # reproduce eager bitwise (both measured on torch 2.14.1), so none is added there.
+            stack.enter_context(torch.no_grad())
+        return stack
+
+    @staticmethod
+    def _box_inputs(boxes: Any, box_labels: Any, box_valid: Any) -> tuple[torch.Tensor, ...]:
+        given = [t is not None for t in (boxes, box_labels, box_valid)]
+        if any(given) and not all(given):
+            raise InputSpecError(
+                "boxes, box_labels, box_valid: expected all three or none, got "
+                + ", ".join(n for n, g in zip(("boxes", "box_labels", "box_valid"), given, strict=True) if g)
+            )
+        return (boxes, box_labels, box_valid) if all(given) else ()
+
+    def encode_images(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The image stage: ``images`` as :meth:`forward` takes them to the features
+        :meth:`ground` takes (:attr:`feature_names`: ``backbone_fpn_<i>`` ``[B, C, h_i, w_i]``
+        and the grounding levels' ``vision_pos_enc_<i>``, in the dtype the computation makes
+        them). ``ground(encode_images(x), t)`` is ``forward(x, t)`` bitwise."""
+        if not is_tracing():
+            check_image_input(images, image_size=self.image_size)
+        with self._numerics(images.device):
+            return self._encode(images)
+
+    def ground(
+        self,
+        features: tuple[torch.Tensor, ...],
+        token_ids: torch.Tensor,
+        boxes: torch.Tensor | None = None,
+        box_labels: torch.Tensor | None = None,
+        box_valid: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The prompt stage: :meth:`encode_images`' features of ``B`` images, ``token_ids`` and
+        the optional box inputs (as :meth:`forward` takes them) to :meth:`forward`'s outputs."""
+        box_inputs = self._box_inputs(boxes, box_labels, box_valid)
+        with self._numerics(token_ids.device):
+            out = self._ground_features(tuple(features), token_ids, *box_inputs)
+        return tuple(out[name].float() for name in OUTPUT_NAMES)  # type: ignore[return-value]
+
     def forward(
         self,
         images: torch.Tensor,
@@ -169,25 +243,9 @@ class FullSam3PipelineWrapper(nn.Module):
         box_labels: torch.Tensor | None = None,
         box_valid: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        given = [t is not None for t in (boxes, box_labels, box_valid)]
-        if any(given) and not all(given):
-            raise InputSpecError(
-                "boxes, box_labels, box_valid: expected all three or none, got "
-                + ", ".join(n for n, g in zip(("boxes", "box_labels", "box_valid"), given, strict=True) if g)
-            )
-        box_inputs: tuple[torch.Tensor, ...] = (boxes, box_labels, box_valid) if all(given) else ()  # type: ignore[assignment]
+        box_inputs = self._box_inputs(boxes, box_labels, box_valid)
         if not is_tracing():
             self.check_inputs(images, token_ids, *box_inputs)
-        autocast = (
-            torch.autocast(device_type=images.device.type, dtype=self.autocast_dtype)
-            if self.autocast_dtype is not None
-            else contextlib.nullcontext()
-        )
-        # Inference only: in fp32, grad mode changes some CPU kernels in the last bits, so
-        # the graph fixes grad mode off for every caller. Under autocast, results do not
-        # depend on grad mode, but an exported no_grad region around autocast does not
-        # reproduce eager bitwise (both measured on torch 2.14.1), so none is added there.
-        grad = torch.no_grad() if self.autocast_dtype is None else contextlib.nullcontext()
-        with autocast, grad:
-            out = self._ground(images, token_ids, *box_inputs)
+        with self._numerics(images.device):
+            out = self._ground_features(self._encode(images), token_ids, *box_inputs)
         return tuple(out[name].float() for name in OUTPUT_NAMES)  # type: ignore[return-value]

@@ -26,6 +26,7 @@ from ..progress import Stages
 from ..verify import compare_parity, same_instances
 from .builders import build_info, build_model
 from .pipeline import FullSam3PipelineWrapper
+from .stages import export_stages
 from .trace import AuditReport, audit_dynamic_shapes, example_inputs, export_full_pipeline
 
 __all__ = ["AUTOCAST", "FORMATS", "VERIFY_BOXES", "BuildRecord", "artifact_paths", "build_artifact"]
@@ -66,7 +67,7 @@ class BuildRecord:
         numbers are approximate by design (reported, never deciding). Raises ``KeyError``
         for a kind that was not verified."""
         parity = self.parity[kind]
-        if kind == "pt2":
+        if kind in ("pt2", "pt2-stages"):
             return all(parity["bitwise"].values())
         if kind == "onnx-int8":
             return None
@@ -151,6 +152,7 @@ def build_artifact(
     quantize: str | None = None,
     stages: Stages | None = None,
     boxes: bool = False,
+    staged: bool = False,
 ) -> BuildRecord:
     """Build (or take ``model``), export, audit, save every kind of ``formats``, verify.
 
@@ -174,6 +176,9 @@ def build_artifact(
         stages: where stage timings are reported (default: silently).
         boxes: export the box-capable program (exemplar boxes as inputs, see
             :mod:`..contract`) instead of the text-only one.
+        staged: also export the two stages (:func:`.stages.export_stages`) into the ``.pt2``
+            (``pt2`` only); with ``verify``, ``ground(encode_images(x))`` of the loaded
+            artifact is compared with eager too, as kind ``pt2-stages``.
 
     Every output path is checked (writable, not a directory, not existing unless ``force``)
     and, once the model's size is known, the free space, before the export runs. Raises
@@ -193,6 +198,10 @@ def build_artifact(
         raise InputSpecError(f"quantize: expected None or 'int8', got {quantize!r}")
     if quantize and "onnx" not in formats:
         raise InputSpecError("quantize: int8 quantizes the ONNX graph; ask for the 'onnx' format too")
+    if staged and formats != ["pt2"]:
+        raise InputSpecError(
+            f"stages: expected the pt2 kind alone (stages are written into .pt2 artifacts), got {formats}"
+        )
     shape = "(B, P) or (B, P, K)" if boxes else "(B, P)"
     if verify is not None and (len(verify) not in ((2, 3) if boxes else (2,)) or min(verify) < 1):
         raise InputSpecError(f"verify: expected {shape}, each >= 1, got {verify}")
@@ -244,9 +253,17 @@ def build_artifact(
             assert provenance is not None
             attach_provenance(ep, dataclasses.replace(provenance, audit=report.to_manifest()))
         programs[target] = ep
+    staged_programs = None
+    if staged:
+        with stages.stage("export stages", "encode_images and ground, from the same wrapper"):
+            staged_programs = export_stages(model, autocast_dtype=dtype, boxes=boxes)
+            for name, audit in staged_programs.info.audits.items():
+                stages.note(f"{name}: dynamic {', '.join(audit['ranges'])}")
     if "pt2" in programs:
         with stages.stage("save", str(paths["pt2"])):
-            manifests["pt2"] = save_pipeline(programs["pt2"], paths["pt2"], force=force)
+            manifests["pt2"] = save_pipeline(
+                programs["pt2"], paths["pt2"], force=force, stages=staged_programs
+            )
             record_paths["pt2"] = paths["pt2"]
             file = manifests["pt2"].file
             assert file is not None
@@ -294,8 +311,13 @@ def build_artifact(
                 expected = wrapper(*inputs)
             for kind, path in record_paths.items():
                 with torch.inference_mode():
-                    got = load_artifact(path)(*inputs)
+                    artifact = load_artifact(path)
+                    got = artifact(*inputs)
+                    features = artifact.encode_images(inputs[0]) if staged else None
+                    staged_got = artifact.ground(features, *inputs[1:]) if features else None
                 parity[kind] = compare_parity(expected, got)
+                if staged_got is not None:
+                    parity[f"{kind}-stages"] = compare_parity(expected, staged_got)
     assert report is not None
     return BuildRecord(
         stages=dict(stages.seconds),

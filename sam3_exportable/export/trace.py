@@ -9,6 +9,7 @@ from collections.abc import Iterator, Sequence
 
 import sympy
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
 from torch.export import Dim, ExportedProgram
 
@@ -71,6 +72,18 @@ class AuditReport:
         return f"dynamic dims {dims}; {len(self.other_asserts)} runtime asserts on other symbols"
 
 
+def _one_graph_dims(boxes: bool) -> tuple[tuple[int, int, str], ...]:
+    """Every dynamic ``(input, dim, name)`` of the one graph: :func:`~..contract.dynamic_dims`
+    and, box-capable, the box inputs' ``batch`` and ``num_prompts`` (dims 0 and 1) and the
+    box labels' and validity's ``num_boxes``, which are the same symbols."""
+    dims = dynamic_dims(boxes)
+    if boxes:
+        dims += ((2, 0, "batch"), (2, 1, "num_prompts"))
+        for index in (3, 4):
+            dims += ((index, 0, "batch"), (index, 1, "num_prompts"), (index, 2, "num_boxes"))
+    return dims
+
+
 def _bound(value: object) -> float:
     try:
         return float(value)  # type: ignore[arg-type]
@@ -79,23 +92,27 @@ def _bound(value: object) -> float:
 
 
 def audit_dynamic_shapes(
-    ep: ExportedProgram, dims: Sequence[tuple[int, int, str]] | None = None
+    ep: ExportedProgram,
+    dims: Sequence[tuple[int, int, str]] | None = None,
+    arg_names: Sequence[str] | None = None,
 ) -> AuditReport:
-    """Prove that the given input dims of ``ep`` (by default every dynamic dim of its kind,
-    text-only or box-capable: :func:`~..contract.dynamic_dims`) stayed dynamic with range
-    ``[1, inf)``.
+    """Prove that the given input dims of ``ep`` (by default every dynamic dim of the one
+    graph, text-only or box-capable) stayed dynamic with range ``[1, inf)``.
 
     Checks, for each ``(user input index, dim, name)``: the placeholder's size is a
-    symbol (not a specialized int, not an expression), the program's range constraint
+    symbol (not a specialized int, not an expression), the same symbol for every dim of one
+    name (the inputs agree on ``batch``), the program's range constraint
     for it is exactly ``[1, inf)``, and no runtime assert or range-constraint node of the
     graph mentions it (a hidden ``Eq(batch*num_prompts, 6)`` is exactly such a node).
 
-    Raises :class:`DynamicShapeAuditError` naming the offending dim and constraint.
+    ``arg_names``: the forward's positional argument names, for a program whose inputs nest
+    (see :func:`_check_input_guards`). Raises :class:`DynamicShapeAuditError` naming the
+    offending dim and constraint.
     """
     placeholders = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
     user_inputs = list(ep.graph_signature.user_inputs)
     if dims is None:
-        dims = dynamic_dims(boxes=len(user_inputs) > len(DYNAMIC_DIMS))
+        dims = _one_graph_dims(len(user_inputs) > len(DYNAMIC_DIMS))
     symbols: dict[str, sympy.Symbol] = {}
     for index, dim, name in dims:
         if index >= len(user_inputs):
@@ -115,7 +132,11 @@ def audit_dynamic_shapes(
             raise DynamicShapeAuditError(
                 f"audit: dim {name!r} is the expression {expr}, expected a free symbol"
             )
-        symbols[name] = expr
+        if symbols.setdefault(name, expr) != expr:
+            raise DynamicShapeAuditError(
+                f"audit: dim {name!r} of input #{index} dim {dim} is the symbol {expr}, expected the "
+                f"same symbol {symbols[name]} as the other inputs' {name!r}"
+            )
     ranges: dict[str, tuple[int, float]] = {}
     for name, sym in symbols.items():
         vr = ep.range_constraints.get(sym)
@@ -144,7 +165,7 @@ def audit_dynamic_shapes(
                 f"that must work (node {node.name})"
             )
         other.append(text)
-    _check_input_guards(ep, user_inputs, dims)
+    _check_input_guards(ep, user_inputs, dims, arg_names)
     return AuditReport(
         symbols={name: str(sym) for name, sym in symbols.items()},
         ranges=ranges,
@@ -167,16 +188,20 @@ class _Sizes:
 
 
 def _check_input_guards(
-    ep: ExportedProgram, user_inputs: Sequence[str], dims: Sequence[tuple[int, int, str]]
+    ep: ExportedProgram,
+    user_inputs: Sequence[str],
+    dims: Sequence[tuple[int, int, str]],
+    arg_names: Sequence[str] | None = None,
 ) -> None:
     """Refuse input guards that reject sizes which must work.
 
     ``torch.export`` records, besides the graph's asserts, guards on the inputs' sizes that
     the program's module checks on every call (``ExportedProgram._guards_code``); a
     specialization such as ``P != 1`` hides there. Each guard is evaluated with every
-    dynamic dim at every size from 1 to :data:`_GUARD_GRID` (the box inputs' dims 0 and 1
-    being ``batch`` and ``num_prompts``); one that fails anywhere raises
-    :class:`DynamicShapeAuditError` naming it and the sizes.
+    dynamic dim at every size from 1 to :data:`_GUARD_GRID`; one that fails anywhere raises
+    :class:`DynamicShapeAuditError` naming it and the sizes. Guards name the forward's
+    arguments: ``arg_names`` (positional, in order) for a program with nested inputs (a
+    tuple of features), else the flat inputs' own names.
     """
     guards = tuple(getattr(ep, "_guards_code", None) or ())
     if not guards:
@@ -184,23 +209,25 @@ def _check_input_guards(
     where: dict[tuple[str, int], str] = {}
     for index, dim, name in dims:
         where[(user_inputs[index], dim)] = name
-    for box_input in user_inputs[2:]:
-        where[(box_input, 0)], where[(box_input, 1)] = "batch", "num_prompts"
-        where[(box_input, 2)] = "num_boxes"
     names = sorted(set(where.values()))
     compiled = [(guard, compile(guard, "<guard>", "eval")) for guard in guards]
     namespace = {"__builtins__": {}, "torch": _GuardTorch}
     for sizes in itertools.product(range(1, _GUARD_GRID + 1), repeat=len(names)):
         value = dict(zip(names, sizes, strict=True))
-        inputs = {
-            name: _Sizes({dim: value[dim_name] for (owner, dim), dim_name in where.items() if owner == name})
+        leaves = [
+            _Sizes({dim: value[dim_name] for (owner, dim), dim_name in where.items() if owner == name})
             for name in user_inputs
-        }
+        ]
+        if arg_names is None:
+            inputs: dict[str, object] = dict(zip(user_inputs, leaves, strict=True))
+        else:
+            args, kwargs = pytree.tree_unflatten(leaves, ep.call_spec.in_spec)
+            inputs = {**dict(zip(arg_names, args, strict=False)), **kwargs}  # arg_names may list unused boxes
         for guard, code in compiled:
             try:
                 # torch's own guard text, made by the export in this process (never read from a file)
                 ok = eval(code, namespace, {"L": inputs})
-            except (KeyError, TypeError, ZeroDivisionError) as exc:
+            except (KeyError, TypeError, ZeroDivisionError, IndexError) as exc:
                 raise DynamicShapeAuditError(
                     f"audit: cannot evaluate the input guard {guard!r}: {exc}"
                 ) from None

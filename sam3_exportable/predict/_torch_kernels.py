@@ -65,3 +65,17 @@ def run_inference(artifact: Any, images: Any, token_ids: Any, **boxes: Any) -> A
     with torch.inference_mode():
         tensors = {name: torch.as_tensor(value) for name, value in boxes.items()}
         return artifact(images, torch.as_tensor(token_ids), **tensors)
+
+
+def run_encode(artifact: Any, images: Any) -> tuple[Any, ...]:
+    """``artifact.encode_images(images)`` under ``torch.inference_mode``."""
+    with torch.inference_mode():
+        return artifact.encode_images(images)
+
+
+def run_ground(artifact: Any, features: Sequence[Any], token_ids: Any, **boxes: Any) -> Any:
+    """``artifact.ground(features, token_ids, **boxes)`` under ``torch.inference_mode`` (token
+    ids and box inputs as tensors)."""
+    with torch.inference_mode():
+        tensors = {name: torch.as_tensor(value) for name, value in boxes.items()}
+        return artifact.ground(features, torch.as_tensor(token_ids), **tensors)

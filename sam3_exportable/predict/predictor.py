@@ -26,8 +26,9 @@ from ..errors import ArtifactError, InputSpecError
 from ..tokenizer import BPE_VOCAB_SHA256, Tokenizer, validate_phrases
 from ..verify import to_numpy
 from .boxes import VISUAL_PHRASE, ExemplarBox, box_inputs, parse_pair_boxes
+from .cache import DEFAULT_CACHE_BYTES, FeatureCache, pixels_key
 from .images import DEFAULT_MAX_PIXELS, ImageInput, to_rgb
-from .processing import preprocess, run_graph, select_kept, upsample_probabilities
+from .processing import preprocess, run_encode, run_graph, run_ground, select_kept, upsample_probabilities
 
 __all__ = [
     "DEFAULT_MAX_PAIRS",
@@ -209,11 +210,24 @@ class Predictor:
     :class:`~..artifact.base.Artifact`, or an in-memory ``ExportedProgram``. ``max_pixels``
     bounds the images read from files (:mod:`.images`); ``threads`` is passed to the loader
     for a path (:func:`~..artifact.loader.load_artifact`).
+
+    With a staged artifact (exported with ``--stages``) every call encodes its images once,
+    however many chunks of phrases follow, and keeps the features in :attr:`cache` (LRU,
+    at most ``cache_bytes``; 0 keeps none), so a later call on the same images runs only
+    the prompt stage. Results equal an uncached call's, bitwise for torch kinds (the stages
+    compose to the one graph).
     """
 
     def __init__(
-        self, source: Any, *, max_pixels: int = DEFAULT_MAX_PIXELS, threads: int | None = None
+        self,
+        source: Any,
+        *,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        threads: int | None = None,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
     ) -> None:
+        #: The image features of recent calls (a staged artifact's; unused otherwise).
+        self.cache = FeatureCache(cache_bytes)
         #: The loaded artifact; calling it runs the graph.
         self.artifact: Artifact = as_artifact(source, threads=threads)
         self.manifest = self.artifact.manifest
@@ -342,16 +356,33 @@ class Predictor:
                 )
             chunk = min(chunk, max_pairs // len(rgb))
         kept: list[list[KeptPair]] = [[] for _ in rgb]
+        features = self.features(pixels) if self.artifact.has_stages else None
         for start in range(0, len(prompts), chunk):
             ids = prompts.chunk(start, chunk)
             chunk_boxes = None if pair_boxes is None else [row[start : start + chunk] for row in pair_boxes]
-            outputs = run_graph(self.artifact, pixels, ids, **self._box_feeds(rgb, chunk_boxes))
+            feeds = self._box_feeds(rgb, chunk_boxes)
+            if features is None:
+                outputs = run_graph(self.artifact, pixels, ids, **feeds)
+            else:
+                outputs = run_ground(self.artifact, features, ids, **feeds)
             n = ids.shape[0]
             for i, img in enumerate(rgb):
                 for k in range(i * n, (i + 1) * n):
                     kept[i].append(_keep_row(outputs, k, img, threshold))
             del outputs
         return kept
+
+    def features(self, pixels: Any) -> tuple[Any, ...]:
+        """A staged artifact's ``encode_images(pixels)`` (the graph's ``images`` input, as
+        :meth:`preprocess` makes it), from :attr:`cache` when these very pixels were encoded
+        before, else computed and kept there."""
+        key = pixels_key(pixels)
+        cached = self.cache.get(key)
+        if cached is not None:
+            return cached
+        features = run_encode(self.artifact, pixels)
+        self.cache.put(key, features)
+        return features
 
     def predict(
         self,

@@ -44,6 +44,21 @@ def run_graph(artifact: Any, images: Any, token_ids: Any, **boxes: Any) -> Any:
     return artifact(images, token_ids, **boxes)
 
 
+def run_encode(artifact: Any, images: Any) -> tuple[Any, ...]:
+    """``artifact.encode_images(images)``, for torch kinds under ``torch.inference_mode`` as
+    :func:`run_graph` runs the one graph."""
+    if artifact.array_library == "torch":
+        return _torch_kernels().run_encode(artifact, images)
+    return artifact.encode_images(images)
+
+
+def run_ground(artifact: Any, features: Sequence[Any], token_ids: Any, **boxes: Any) -> Any:
+    """``artifact.ground(features, token_ids, **boxes)``, as :func:`run_graph` runs the graph."""
+    if artifact.array_library == "torch":
+        return _torch_kernels().run_ground(artifact, features, token_ids, **boxes)
+    return artifact.ground(features, token_ids, **boxes)
+
+
 def preprocess(images: Sequence[Image.Image], size: int, library: str) -> Any:
     """8-bit RGB images to ``images [B, 3, size, size]`` float32 of ``library``
     (``"torch"``: torchvision's transform, upstream's; ``"numpy"``: Pillow's resize)."""
