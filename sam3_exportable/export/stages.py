@@ -24,6 +24,7 @@ from .trace import (
     AuditReport,
     _parameters_frozen,
     audit_dynamic_shapes,
+    check_example_sizes,
     dynamic_shapes_of,
     example_inputs,
 )
@@ -102,6 +103,42 @@ def _drop_unused_regions(ep: ExportedProgram) -> None:
         ep.graph_module.recompile()
 
 
+def _without_unused_inputs(ep: ExportedProgram) -> ExportedProgram:
+    """``ep`` without the parameter, buffer and constant inputs its graph never reads.
+
+    ``torch.export`` lifts every parameter of the module it traces, and each stage module
+    holds the whole model, so a stage program would carry the other stage's weights too:
+    dead inputs only, removed with their state (values and ops untouched)."""
+    from torch.export.graph_signature import ExportGraphSignature, InputKind
+
+    placeholders = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
+    lifted = (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR)
+    signature = ep.graph_signature
+    dead = [
+        spec
+        for spec in signature.input_specs
+        if spec.kind in lifted and not placeholders[spec.arg.name].users
+    ]
+    if not dead:
+        return ep
+    for spec in dead:
+        ep.graph.erase_node(placeholders[spec.arg.name])
+    kept = [spec for spec in signature.input_specs if spec not in dead]
+    targets = {spec.target for spec in kept}
+    ep.graph_module.recompile()
+    return ExportedProgram(
+        root=ep.graph_module,
+        graph=ep.graph,
+        graph_signature=ExportGraphSignature(input_specs=kept, output_specs=list(signature.output_specs)),
+        state_dict={k: v for k, v in ep.state_dict.items() if k in targets},
+        range_constraints=ep.range_constraints,
+        module_call_graph=ep.module_call_graph,
+        example_inputs=None,
+        constants={k: v for k, v in ep.constants.items() if k in targets},
+        verifiers=ep.verifiers,
+    )
+
+
 def _feature_specs(ep: ExportedProgram, names: tuple[str, ...]) -> tuple[TensorSpec, ...]:
     output = next(n for n in ep.graph.nodes if n.op == "output")
     values = [node.meta["val"] for node in output.args[0]]
@@ -133,11 +170,7 @@ def export_stages(
     ``ground`` is traced on zero features of the shapes ``encode_images`` declares (tracing
     reads shapes only, so the image encoder does not run eagerly here).
     """
-    if min(example_batch, example_prompts, example_boxes) < 2:
-        raise ValueError(
-            f"export_stages: example sizes must be >= 2 to avoid size-1 specialization, got "
-            f"{example_batch}, {example_prompts} and {example_boxes}"
-        )
+    check_example_sizes("export_stages", example_batch, example_prompts, example_boxes)
     model.eval()
     wrapper = FullSam3PipelineWrapper(model, autocast_dtype=autocast_dtype).eval()
     names = wrapper.feature_names
@@ -161,9 +194,9 @@ def export_stages(
         ground = torch.export.export(
             GroundStage(wrapper).eval(), ground_args, dynamic_shapes=ground_shapes, strict=False
         )
-    for program in (encode, ground):
-        # the trace's inputs are not kept: ground's zero features alone are ~350 MB at full size
-        program.example_inputs = None  # type: ignore[assignment]
+    # each stage keeps its own weights only; the trace's inputs are not kept (ground's zero
+    # features alone are ~350 MB at full size)
+    encode, ground = _without_unused_inputs(encode), _without_unused_inputs(ground)
     dims = stage_dims(len(specs), boxes)
     arg_names = {ENCODE_IMAGES: ("images",), GROUND: ("features", "token_ids", *BOX_INPUT_NAMES)}
     audits: dict[str, AuditReport] = {

@@ -268,6 +268,16 @@ def dynamic_shapes_of(boxes: bool) -> tuple[dict[int, Dim], ...]:
     return shapes
 
 
+def check_example_sizes(what: str, batch: int, prompts: int, boxes: int) -> None:
+    """Raise ``ValueError`` naming ``what`` unless every trace size is >= 2 (a size-1 trace
+    takes size-1 branches and specializes)."""
+    if min(batch, prompts, boxes) < 2:
+        raise ValueError(
+            f"{what}: example_batch, example_prompts and example_boxes must be >= 2 to avoid "
+            f"size-1 specialization, got {batch}, {prompts} and {boxes}"
+        )
+
+
 def export_full_pipeline(
     model: nn.Module,
     *,
@@ -309,11 +319,7 @@ def export_full_pipeline(
             "function behind each wrapt wrapper, so the runtime patches would silently not "
             "apply; use strict=False, or apply patches/*.patch to upstream and export it directly"
         )
-    if min(example_batch, example_prompts, example_boxes) < 2:
-        raise ValueError(
-            f"export_full_pipeline: example_batch, example_prompts and example_boxes must be >= 2 "
-            f"to avoid size-1 specialization, got {example_batch}, {example_prompts} and {example_boxes}"
-        )
+    check_example_sizes("export_full_pipeline", example_batch, example_prompts, example_boxes)
     model.eval()
     wrapper = FullSam3PipelineWrapper(model, autocast_dtype=autocast_dtype).eval()
     args = example_inputs(wrapper, example_batch, example_prompts, boxes=example_boxes if boxes else None)
