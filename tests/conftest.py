@@ -55,6 +55,12 @@ def tiny_ep(tiny_model: torch.nn.Module) -> torch.export.ExportedProgram:
 
 
 @pytest.fixture(scope="session")
+def box_ep(tiny_model: torch.nn.Module) -> torch.export.ExportedProgram:
+    """The tiny box-capable program (exemplar boxes as inputs); shared, never modify it."""
+    return export_full_pipeline(tiny_model, boxes=True)
+
+
+@pytest.fixture(scope="session")
 def tiny_artifact(tiny_ep: torch.export.ExportedProgram, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny program saved as a ``.pt2`` (with its manifest); shared, so never modify it."""
     from sam3_exportable.artifact import save_pipeline

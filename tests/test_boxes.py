@@ -56,11 +56,6 @@ def images() -> list[Image.Image]:
 
 
 @pytest.fixture(scope="module")
-def box_ep(tiny_model) -> torch.export.ExportedProgram:
-    return export_full_pipeline(tiny_model, boxes=True)
-
-
-@pytest.fixture(scope="module")
 def box_pt2(box_ep, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("boxes") / "tiny-boxes.pt2"
     save_pipeline(box_ep, path)

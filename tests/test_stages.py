@@ -18,7 +18,7 @@ from sam3_exportable.artifact import load_artifact, read_manifest
 from sam3_exportable.artifact.manifest import ENCODE_IMAGES, GROUND, Manifest, StagesInfo
 from sam3_exportable.artifact.pt2 import load_pipeline, save_pipeline
 from sam3_exportable.errors import ArtifactError, InputSpecError
-from sam3_exportable.export import export_full_pipeline, export_stages
+from sam3_exportable.export import export_stages
 from sam3_exportable.export.recipe import build_artifact
 from sam3_exportable.export.stages import stage_dims
 from sam3_exportable.export.trace import audit_dynamic_shapes, example_inputs
@@ -145,8 +145,7 @@ def test_the_plain_torch_loader_gives_the_same_stages(staged, tiny_wrapper) -> N
     assert_bitwise(fast.ground(features, tokens), plain.ground(features, tokens))
 
 
-def test_box_capable_stages_compose_bitwise(tiny_model, tiny_wrapper, tmp_path) -> None:
-    box_ep = export_full_pipeline(tiny_model, boxes=True)
+def test_box_capable_stages_compose_bitwise(tiny_model, box_ep, tiny_wrapper, tmp_path) -> None:
     path = tmp_path / "boxes-staged.pt2"
     save_pipeline(box_ep, path, stages=export_stages(tiny_model, boxes=True))
     artifact = load_artifact(path)

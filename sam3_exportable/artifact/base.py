@@ -99,9 +99,6 @@ class Artifact(abc.ABC):
         box_valid: Any = None,
     ) -> Outputs:
         given = {"boxes": boxes, "box_labels": box_labels, "box_valid": box_valid}
-        named = [name for name, value in given.items() if value is not None]
-        if named and not self.takes_boxes:
-            raise text_only_refusal(", ".join(named), self.path or "this program")
         self.check_inputs(images, token_ids)
         inputs = [images, token_ids, *self._box_feed(int(images.shape[0]), token_ids, given, images)]
         logits, pred_boxes, masks, presence = self._run(*inputs)

@@ -127,7 +127,6 @@ class _SharedPayloadWriter(PT2ArchiveWriter):
         self._names: set[str] = set()
         self._renamed: dict[str, str] = {}  # this config's path_name -> record written
         self._taken: set[str] = set()  # records this config already points at
-        self.shared_bytes = 0
 
     def write_bytes(self, name: str, data: bytes) -> None:
         payload = _PAYLOAD_RECORD.match(name)
@@ -142,7 +141,6 @@ class _SharedPayloadWriter(PT2ArchiveWriter):
             if record not in self._taken:  # an earlier program's: share it
                 self._renamed[name[len(folder) :]] = record[len(folder) :]
                 self._taken.add(record)
-                self.shared_bytes += len(data)
                 return
         record, index = name, len(self._names)
         while record in self._names:  # torch counts written records: a dropped one's index recurs
@@ -163,10 +161,10 @@ class _SharedPayloadWriter(PT2ArchiveWriter):
 
 def write_programs(
     path: Path, programs: Mapping[str, ExportedProgram], extra_files: Mapping[str, str]
-) -> int:
+) -> None:
     """Write ``programs`` (name -> program; ``"model"`` is what ``torch.export.load`` returns)
     and ``extra_files`` into one pt2 archive at ``path`` with torch's packager, each payload
-    stored once however many programs hold it; returns the bytes shared. Raises
+    stored once however many programs hold it. Raises
     :class:`~..errors.ArtifactError` when this torch lacks the packager's parts."""
     from torch.export.pt2_archive import _package
 
@@ -180,7 +178,6 @@ def write_programs(
     with _SharedPayloadWriter(os.fspath(path)) as writer:
         package(writer, dict(programs))
         extras(writer, dict(extra_files))
-    return writer.shared_bytes
 
 
 _SHA256_CHILD = (
