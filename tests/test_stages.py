@@ -22,7 +22,7 @@ from sam3_exportable.export import export_stages
 from sam3_exportable.export.recipe import build_artifact
 from sam3_exportable.export.stages import stage_dims
 from sam3_exportable.export.trace import audit_dynamic_shapes, example_inputs
-from sam3_exportable.predict import Predictor
+from sam3_exportable.predict import Predictor, keep_pair
 from sam3_exportable.predict.cache import FeatureCache, pixels_key
 
 #: Shapes never used at trace time (traced at B = P = 3).
@@ -279,6 +279,33 @@ def test_a_cached_predictor_equals_the_uncached_one_bitwise(staged, tiny_artifac
     for row, ref in zip(both, expected, strict=True):
         _assert_same_pairs(row, ref)
     assert (cached.cache.misses, len(cached.cache)) == (3, 3)
+
+
+def test_encoding_images_alone_caches_each_by_its_own_pixels(staged, tiny_artifact) -> None:
+    """``encode_alone`` (the server's): a two-image call encodes and caches each image by
+    itself and grounds both at once; a later call of one of them hits, bitwise the uncached
+    one-image call."""
+    from sam3_exportable.predict.processing import concat_batch, run_encode, run_ground
+
+    images = _images()
+    alone = Predictor(staged, encode_alone=True)
+    both = alone.kept_pairs(images, ["a cat", "a dog"], threshold=0.0)
+    assert (alone.cache.misses, alone.cache.hits, len(alone.cache)) == (2, 0, 2)
+    pixels = alone.preprocess(images)
+    artifact = alone.artifact
+    features = concat_batch([run_encode(artifact, pixels[i : i + 1]) for i in range(2)], "torch")
+    outputs = run_ground(artifact, features, alone.tokenize(["a cat", "a dog"]))
+    for i, (row, image) in enumerate(zip(both, images, strict=True)):
+        expected = [
+            keep_pair(*(out[k : k + 1] for out in outputs), height=90, width=120, threshold=0.0)
+            for k in (2 * i, 2 * i + 1)
+        ]
+        assert image.size == (120, 90)
+        _assert_same_pairs(row, expected)
+    single = alone.kept_pairs([images[1]], ["a bird"], threshold=0.0)
+    assert (alone.cache.hits, len(alone.cache)) == (1, 2)
+    uncached = Predictor(tiny_artifact, cache_bytes=0).kept_pairs([images[1]], ["a bird"], threshold=0.0)
+    _assert_same_pairs(single[0], uncached[0])
 
 
 def test_a_cache_smaller_than_one_image_still_works(staged, tiny_artifact) -> None:

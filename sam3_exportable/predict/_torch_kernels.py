@@ -79,3 +79,9 @@ def run_ground(artifact: Any, features: Sequence[Any], token_ids: Any, **boxes: 
     with torch.inference_mode():
         tensors = {name: torch.as_tensor(value) for name, value in boxes.items()}
         return artifact.ground(features, torch.as_tensor(token_ids), **tensors)
+
+
+def concat_batch(parts: Sequence[Sequence[Any]]) -> tuple[Any, ...]:
+    """Each feature of ``parts`` (one tuple of tensors per group of images) concatenated
+    along the batch dim."""
+    return tuple(torch.cat(list(column)) for column in zip(*parts, strict=True))

@@ -28,7 +28,15 @@ from ..verify import to_numpy
 from .boxes import VISUAL_PHRASE, ExemplarBox, box_inputs, parse_pair_boxes
 from .cache import DEFAULT_CACHE_BYTES, FeatureCache, pixels_key
 from .images import DEFAULT_MAX_PIXELS, ImageInput, to_rgb
-from .processing import preprocess, run_encode, run_graph, run_ground, select_kept, upsample_probabilities
+from .processing import (
+    concat_batch,
+    preprocess,
+    run_encode,
+    run_graph,
+    run_ground,
+    select_kept,
+    upsample_probabilities,
+)
 
 __all__ = [
     "DEFAULT_MAX_PAIRS",
@@ -215,7 +223,10 @@ class Predictor:
     however many chunks of phrases follow, and keeps the features in :attr:`cache` (LRU,
     at most ``cache_bytes``; 0 keeps none), so a later call on the same images runs only
     the prompt stage. Results equal an uncached call's, bitwise for torch kinds (the stages
-    compose to the one graph).
+    compose to the one graph). With ``encode_alone`` each image of a call is encoded by
+    itself and cached by its own pixels, and only the prompt stage runs the call's images
+    together: an image's features then never depend on the images it came with (what a
+    server wants, whose calls mix requests); a call of one image is the same either way.
     """
 
     def __init__(
@@ -225,7 +236,9 @@ class Predictor:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         threads: int | None = None,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
+        encode_alone: bool = False,
     ) -> None:
+        self.encode_alone = encode_alone
         #: The image features of recent calls (a staged artifact's; unused otherwise).
         self.cache = FeatureCache(cache_bytes)
         #: The loaded artifact; calling it runs the graph.
@@ -283,13 +296,14 @@ class Predictor:
         rgb = self.load(images)
         if not rgb:
             raise InputSpecError("images: expected at least one image, got none")
-        prompts, pair_boxes = self._prompts_and_boxes(rgb, phrases, boxes)
+        prompts, pair_boxes = self.prompts_and_boxes(rgb, phrases, boxes)
         return rgb, prompts, pair_boxes, preprocess(rgb, self.image_size, self.artifact.array_library)
 
-    def _prompts_and_boxes(
+    def prompts_and_boxes(
         self, rgb: Sequence[Image.Image], phrases: Sequence[str | None] | str | Prompts, boxes: Any
     ) -> tuple[Prompts, list[list[list[ExemplarBox]]] | None]:
-        """Phrases tokenized (None: boxes alone, upstream's "visual") and boxes validated.
+        """Phrases tokenized (None: boxes alone, upstream's "visual") and boxes validated for
+        the RGB images ``rgb``: what a call checks before it runs the graph.
 
         Raises :class:`~..errors.InputSpecError` for a phrase of None without a box in every
         image, and boxes for a text-only artifact (naming ``--boxes``)."""
@@ -375,7 +389,10 @@ class Predictor:
     def features(self, pixels: Any) -> tuple[Any, ...]:
         """A staged artifact's ``encode_images(pixels)`` (the graph's ``images`` input, as
         :meth:`preprocess` makes it), from :attr:`cache` when these very pixels were encoded
-        before, else computed and kept there."""
+        before, else computed and kept there; with :attr:`encode_alone`, image by image."""
+        if self.encode_alone and len(pixels) > 1:
+            parts = [self.features(pixels[i : i + 1]) for i in range(len(pixels))]
+            return concat_batch(parts, self.artifact.array_library)
         key = pixels_key(pixels)
         cached = self.cache.get(key)
         if cached is not None:

@@ -59,6 +59,16 @@ def run_ground(artifact: Any, features: Sequence[Any], token_ids: Any, **boxes: 
     return artifact.ground(features, token_ids, **boxes)
 
 
+def concat_batch(parts: Sequence[Sequence[Any]], library: str) -> tuple[Any, ...]:
+    """Features of groups of images (``parts``, each a tuple of arrays ``[b, ...]``) as one
+    batch, in order; one part is returned as it is."""
+    if len(parts) == 1:
+        return tuple(parts[0])
+    if library == "torch":
+        return _torch_kernels().concat_batch(parts)
+    return tuple(np.concatenate(list(column)) for column in zip(*parts, strict=True))
+
+
 def preprocess(images: Sequence[Image.Image], size: int, library: str) -> Any:
     """8-bit RGB images to ``images [B, 3, size, size]`` float32 of ``library``
     (``"torch"``: torchvision's transform, upstream's; ``"numpy"``: Pillow's resize)."""
