@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import errno
 import io
 import math
@@ -112,6 +113,8 @@ _positive_int = _ranged(int, "a positive integer", lambda v: v >= 1)
 _threads = _ranged(int, f"an integer in [1, {MAX_THREADS}]", lambda v: 1 <= v <= MAX_THREADS)
 _seed = _ranged(int, "an integer in [0, 2**63)", lambda v: 0 <= v < 2**63)
 _positive_float = _ranged(float, "a positive number", lambda v: 0 < v < float("inf"))
+_non_negative_int = _ranged(int, "an integer >= 0", lambda v: v >= 0)
+_port = _ranged(int, "a port in [1, 65535]", lambda v: 1 <= v <= 65535)
 _threshold = _ranged(float, "a number in [0, 1]", lambda v: 0.0 <= v <= 1.0)
 
 
@@ -346,6 +349,25 @@ def bench_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def serve_command(args: argparse.Namespace) -> int:
+    from .artifact.base import default_threads
+    from .serve.options import ServeOptions, read_api_key
+    from .serve.server import serve_artifact
+
+    named = {f.name for f in dataclasses.fields(ServeOptions)} - {"model", "threads", "api_key_sha256"}
+    options = ServeOptions(
+        model=str(args.model),
+        threads=args.threads or max(1, default_threads() // args.replicas),
+        api_key_sha256=read_api_key(args.api_key_file) if args.api_key_file else None,
+        **{name: getattr(args, name) for name in named},
+    )
+    try:
+        serve_artifact(options, ray_address=args.ray_address, say=lambda text: print(text, flush=True))
+    except _Terminated:
+        print("stopped (SIGTERM): the requests in flight were answered", file=sys.stderr)
+    return 0
+
+
 def doctor_command(args: argparse.Namespace) -> int:
     _export_side("doctor")
     from .patching.doctor import doctor_rows, format_table
@@ -374,6 +396,9 @@ def _add_malloc_argument(parser: argparse.ArgumentParser, what: str = "of this p
 def build_parser() -> argparse.ArgumentParser:
     from .batch.api import DEFAULT_BATCH_SIZE, DEFAULT_MAX_PAIRS
     from .predict.images import DEFAULT_MAX_PIXELS
+    from .serve.options import ServeOptions
+
+    served = {f.name: f.default for f in dataclasses.fields(ServeOptions)}  # one owner of the defaults
 
     parser = _Parser(
         prog="sam3-exportable",
@@ -564,7 +589,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--skip",
         type=_name_list,
         help="comma-separated sections to leave out: loads, allocator, scaling, profiles, throughput, "
-        "boxes, stages",
+        "boxes, stages, serve",
     )
     again_bench = bench.add_mutually_exclusive_group()
     again_bench.add_argument("--resume", action="store_true", help="continue OUT/results.json")
@@ -590,6 +615,88 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument("--prompt", action="append", help="a phrase, e.g. 'a dog'; repeatable")
     tok.add_argument("--context-length", type=_positive_int, default=32, help="the artifact's (manifest)")
     tok.set_defaults(func=tokenize_command)
+
+    srv = sub.add_parser(
+        "serve",
+        help="serve an artifact over HTTP on Ray Serve, batching concurrent requests",
+        description="Serve an artifact (any kind) at POST /v1/segment on Ray Serve (a local Ray "
+        "instance, or --ray-address's cluster), packing concurrent requests into shared graph "
+        "calls; GET /healthz, /readyz, /v1/model; OpenAPI at /docs. Runs until SIGTERM or "
+        "Ctrl-C, which answer the requests in flight first.",
+    )
+    srv.add_argument("--model", required=True, type=Path, help="artifact written by export")
+    srv.add_argument(
+        "--host", default=served["host"], help=f"address to listen on (default {served['host']})"
+    )
+    srv.add_argument("--port", type=_port, default=served["port"], help=f"port (default {served['port']})")
+    srv.add_argument(
+        "--replicas", type=_positive_int, default=served["replicas"], help="replicas (processes), default 1"
+    )
+    srv.add_argument(
+        "--threads",
+        type=_threads,
+        help="intra-op threads per replica (default: the usable CPUs / --replicas); answers equal "
+        "predict's at the same --threads",
+    )
+    srv.add_argument(
+        "--max-batch-size",
+        type=_positive_int,
+        default=served["max_batch_size"],
+        help=f"most requests per batch (default {served['max_batch_size']})",
+    )
+    srv.add_argument(
+        "--batch-wait-ms",
+        type=_ranged(float, "a number in [0, 60000]", lambda v: 0 <= v <= 60000),
+        default=served["batch_wait_ms"],
+        help=f"longest wait for company a lone request gets (default {served['batch_wait_ms']:g} ms)",
+    )
+    srv.add_argument(
+        "--max-pairs",
+        type=_positive_int,
+        default=served["max_pairs"],
+        help=f"most image-phrase pairs per graph call, as predict's (default {served['max_pairs']})",
+    )
+    srv.add_argument(
+        "--max-queued",
+        type=_non_negative_int,
+        default=served["max_queued"],
+        help="requests waiting in a replica past which a new one gets 503 with Retry-After "
+        f"(default {served['max_queued']})",
+    )
+    srv.add_argument(
+        "--max-body-bytes",
+        type=_positive_int,
+        default=served["max_body_bytes"],
+        help=f"largest request body; 413 above (default {served['max_body_bytes']:,})",
+    )
+    srv.add_argument(
+        "--max-pixels",
+        type=_positive_int,
+        default=served["max_pixels"],
+        help=f"largest image in pixels; 422 above (default {served['max_pixels']:,})",
+    )
+    for name, what in (("max_prompts", "prompts"), ("max_boxes", "boxes")):
+        flag, default = "--" + name.replace("_", "-"), served[name]
+        srv.add_argument(
+            flag, type=_positive_int, default=default, help=f"{what} per request (default {default})"
+        )
+    srv.add_argument(
+        "--cache-bytes",
+        type=_non_negative_int,
+        default=served["cache_bytes"],
+        help=f"image-feature cache of a staged artifact per replica (default {served['cache_bytes']:,}; "
+        "0: none): a follow-up request on a cached image skips the image encoder",
+    )
+    srv.add_argument(
+        "--ray-address", metavar="ADDR", help="deploy onto this Ray cluster instead of a local one"
+    )
+    srv.add_argument(
+        "--api-key-file",
+        metavar="FILE",
+        help="every /v1 request must send 'Authorization: Bearer <the key on this file's first line>'",
+    )
+    _add_malloc_argument(srv)
+    srv.set_defaults(func=serve_command)
 
     doc = sub.add_parser("doctor", help="report each patch for the installed torch and sam3")
     doc.set_defaults(func=doctor_command)

@@ -10,6 +10,7 @@ __all__ = [
     "ArtifactError",
     "CheckpointError",
     "DynamicShapeAuditError",
+    "ImageTooLargeError",
     "InputSpecError",
     "MissingExtraError",
     "OutputExistsError",
@@ -37,6 +38,10 @@ class DynamicShapeAuditError(RuntimeError):
 class InputSpecError(ValueError):
     """A pipeline input (tensor, image, phrase, option value) has the wrong rank, size, dtype,
     range or is empty."""
+
+
+class ImageTooLargeError(InputSpecError):
+    """An image decodes (or would) to more pixels than the caller's ``max_pixels``."""
 
 
 class ArtifactError(RuntimeError):

@@ -133,6 +133,7 @@ def test_narrowed_plans_keep_what_was_asked_and_refuse_the_rest(capsys) -> None:
     assert narrowed(full, skip=["boxes"]).box_counts == []
     assert (full.stage_autocasts, full.follow_up_phrases) == (["none", "bf16"], 8)
     assert narrowed(full, skip=["stages"]).stage_autocasts == []
+    assert narrowed(full, skip=["serve"]).serve_clients == []
     assert narrowed(full, variants=["exported"]).profiles == [("exported", 1, 1), ("exported", 2, 1)]
     with pytest.raises(ValueError, match=r"--variants: expected some of eager, .*got fp64"):
         narrowed(full, variants=["fp64"])
@@ -169,7 +170,7 @@ def test_quick_bench_writes_results_and_plots(quick_run: tuple[Path, int]) -> No
     out, status = quick_run
     assert status == 0
     doc = json.loads((out / "results.json").read_text())
-    assert doc["schema"] == SCHEMA and doc["schema_version"] == 5
+    assert doc["schema"] == SCHEMA and doc["schema_version"] == 6
     assert doc["size"] == "tiny" and doc["quick"] is True
     for key in ("torch", "sam3", "torchvision", "python"):
         assert doc["versions"][key]
@@ -297,6 +298,23 @@ def test_quick_bench_asks_one_image_phrases_in_turn(quick_run: tuple[Path, int])
     assert doc["jobs"]["export/fp32-staged"]["size_bytes"] > 0
     summary = (out / "summary.md").read_text()
     assert "## Stages: one image, phrases asked in turn" in summary and "| fp32 |" in summary
+
+
+def test_quick_bench_loads_the_server_with_concurrent_clients(quick_run: tuple[Path, int]) -> None:
+    """The serve section: `serve` under 1 and 4 clients against `predict` on the same images."""
+    out, _ = quick_run
+    doc = json.loads((out / "results.json").read_text())
+    section = doc["serve"]
+    assert [r["clients"] for r in section["rows"]] == [1, 4], section
+    for row in section["rows"]:
+        assert row["requests"] == 4 * row["clients"] and row["errors"] == {}, row
+        assert row["requests_per_s"] > 0 and row["vs_predict"] > 0
+        assert 0 < row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"]
+    assert section["rows"][0]["mean_batch_size"] == 1.0  # one client: never company
+    assert section["predict_images_per_s"] > 0 and section["replica_peak_rss_gib"] > 0
+    assert section["stop_s"] is not None and section["ready_s"] > 0
+    summary = (out / "summary.md").read_text()
+    assert "## Serve: concurrent clients over loopback" in summary and "| 4 | 16 |" in summary
 
 
 def test_bf16_targets_are_not_applicable_where_bf16_is_emulated(quick_run: tuple[Path, int]) -> None:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sam3_exportable.errors import InputSpecError
+from sam3_exportable.errors import ImageTooLargeError, InputSpecError
 from sam3_exportable.predict import Predictor, load_image, to_rgb
 from sam3_exportable.tokenizer import Tokenizer
 
@@ -132,13 +132,18 @@ def test_a_decompression_bomb_is_a_named_input_error(tmp_path: Path) -> None:
     bomb = tmp_path / "bomb.png"
     bomb.write_bytes(_png_header_only(100_000, 100_000))
     with pytest.raises(
-        InputSpecError, match=r"bomb.png: expected at most .* pixels \(--max-pixels\), got 100000x100000"
+        ImageTooLargeError, match=r"bomb.png: expected at most .* pixels \(--max-pixels\), got 100000x100000"
     ):
         load_image(bomb)
     small = tmp_path / "small.png"
     Image.new("RGB", (300, 200)).save(small)
-    with pytest.raises(InputSpecError, match=r"at most 1,000 pixels"):
+    with pytest.raises(ImageTooLargeError, match=r"at most 1,000 pixels"):
         load_image(small, max_pixels=1000)
+    with pytest.raises(ImageTooLargeError, match=r"at most 1,000 pixels"):
+        to_rgb(Image.new("RGB", (300, 200)), max_pixels=1000)
+    with pytest.raises(InputSpecError) as broken:  # not an image: an input error, not a size one
+        to_rgb(b"no image here", max_pixels=1000)
+    assert not isinstance(broken.value, ImageTooLargeError)
 
 
 def test_exif_orientation_is_applied_to_paths_and_pil_objects_alike(picture, tmp_path) -> None:

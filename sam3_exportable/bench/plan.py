@@ -177,6 +177,10 @@ class BenchPlan:
     #: (:mod:`.stages`), and how many phrases one image is asked in turn; empty: no section
     stage_autocasts: list[str] = dataclasses.field(default_factory=list)
     follow_up_phrases: int = 8
+    #: concurrent HTTP clients of each load test of the serve section (:mod:`.online`), and
+    #: the requests each sends (over the throughput section's images); empty: no section
+    serve_clients: list[int] = dataclasses.field(default_factory=list)
+    serve_requests_per_client: int = 2
 
     @property
     def variants(self) -> list[str]:
@@ -227,6 +231,10 @@ def plan_for(
     Stages (:mod:`.stages`): one image asked 8 phrases in turn (``--quick``: 3) with the
     staged fp32 and bf16 ``.pt2`` (``--quick``: fp32), with the feature cache and without.
 
+    Serve (:mod:`.online`): the fp32 ``.pt2`` behind ``sam3-exportable serve`` under 1, 2
+    and 4 concurrent clients (``--quick``: 1 and 4), 8 requests each (``--quick`` 4, full
+    size 2), over the throughput section's images, against ``predict`` over them.
+
     Throughput (:mod:`.throughput`): ``segment_images`` over the same images with the local
     engine and with Ray at 1 and 2 workers, at the same total threads: tiny 16 images (4 with
     ``--quick``), full size 4.
@@ -275,6 +283,8 @@ def plan_for(
         "box_counts": [1, 4] if quick else [1, 4, 16],
         "stage_autocasts": ["none"] if quick else ["none", "bf16"],
         "follow_up_phrases": 3 if quick else 8,
+        "serve_clients": [1, 4] if quick else [1, 2, 4],
+        "serve_requests_per_client": 4 if quick else (8 if size == "tiny" else 2),
     }
     if size == "tiny":
         return BenchPlan(
@@ -312,7 +322,7 @@ def plan_for(
 
 
 #: Sections of a plan that :func:`narrowed` can leave out.
-SECTIONS = ("loads", "allocator", "scaling", "profiles", "throughput", "boxes", "stages")
+SECTIONS = ("loads", "allocator", "scaling", "profiles", "throughput", "boxes", "stages", "serve")
 
 
 def narrowed(
@@ -370,4 +380,6 @@ def narrowed(
         changes["box_counts"] = []
     if "stages" in skip:
         changes["stage_autocasts"] = []
+    if "serve" in skip:
+        changes["serve_clients"] = []
     return dataclasses.replace(plan, **changes)

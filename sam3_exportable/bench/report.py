@@ -11,6 +11,7 @@ from typing import Any
 from ..contract import OUTPUT_NAMES
 from .boxes import boxes_lines
 from .host import capability_line
+from .online import serve_lines
 from .plan import PROFILE_LOAD
 from .stages import stages_lines
 from .summary import TARGET_COMPARISONS
@@ -285,6 +286,7 @@ def markdown_summary(doc: dict[str, Any]) -> str:
     lines += throughput_lines(doc.get("throughput"))
     lines += boxes_lines(doc.get("boxes"))
     lines += stages_lines(doc.get("stages"))
+    lines += serve_lines(doc.get("serve"))
     for name, prof in doc.get("jobs", {}).items():
         if not name.startswith("profile/") or name == PROFILE_LOAD or not prof.get("top_ops_by_self_cpu"):
             continue

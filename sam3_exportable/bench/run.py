@@ -30,6 +30,7 @@ from ..artifact.files import atomic_write
 from ..artifact.manifest import versions_record
 from ..errors import OutputExistsError
 from .host import machine_info
+from .online import SERVE_LOAD
 from .plan import (
     ALLOCATOR_BASELINE,
     AOTI_COMPILE,
@@ -60,10 +61,11 @@ from .summary import summarize
 __all__ = ["SCHEMA", "SCHEMA_VERSION", "BenchRun", "run_bench"]
 
 SCHEMA = "sam3-exportable/bench"
+#: 6: plan.serve_clients and the serve section;
 #: 5: plan.stage_autocasts and the stages section; 4: plan.box_counts and the boxes section;
 #: 3: plan.matrix and plan.profiles, targets with
 #: applies_to, machine.cpu_flags as a dict
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 
 class BenchRun:
@@ -228,6 +230,7 @@ class BenchRun:
         self._throughput(fp32)
         self._boxes(fp32)
         self._stages()
+        self._serve(fp32)
         self.doc["total_wall_s"] = self.doc.get("total_wall_s", 0.0) + time.perf_counter() - start
         summarize(self.doc, plan, self.read_outputs)
         self.save()
@@ -442,6 +445,23 @@ class BenchRun:
             if "error" not in export:
                 spec = {"job": "follow_up", "path": str(staged), "phrases": self.plan.follow_up_phrases}
                 self.job(follow_up_key(autocast), spec)
+
+    def _serve(self, fp32: Path) -> None:
+        """The fp32 ``.pt2`` behind ``sam3-exportable serve`` under concurrent clients (:mod:`.online`)."""
+        plan = self.plan
+        if not plan.serve_clients:
+            return
+        spec = {
+            "job": "serve",
+            "path": str(fp32),
+            "images": max(plan.throughput_images, 4),
+            "image_size": list(plan.throughput_image_size),
+            "phrases": plan.throughput_phrases,
+            "clients": plan.serve_clients,
+            "requests_per_client": plan.serve_requests_per_client,
+            "work": str(self.work_dir),
+        }
+        self.job(SERVE_LOAD, spec)
 
 
 def _jsonable(value: Any) -> Any:

@@ -16,6 +16,7 @@ import torch
 
 from ..verify import compare_parity
 from .boxes import boxes_section
+from .online import serve_section
 from .plan import (
     ALLOCATOR_BASELINE,
     AOTI_COMPILE,
@@ -422,5 +423,6 @@ def summarize(doc: dict[str, Any], plan: BenchPlan, read_outputs: OutputsReader)
     doc["throughput"] = throughput_section(jobs, plan.throughput)
     doc["boxes"] = boxes_section(jobs, plan.box_counts)
     doc["stages"] = stages_section(jobs, plan.stage_autocasts)
+    doc["serve"] = serve_section(jobs, plan.serve_clients)
     doc["targets"] = targets(doc, plan)
     return doc

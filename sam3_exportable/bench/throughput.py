@@ -16,18 +16,24 @@ from typing import Any
 
 from .stats import GIB
 
-__all__ = ["job_throughput", "throughput_lines", "throughput_section"]
+__all__ = ["image_folder", "job_throughput", "throughput_lines", "throughput_section"]
 
 
-def _write_images(folder: Path, count: int, height: int, width: int, seed: int) -> None:
+def image_folder(parent: str | Path, spec: dict[str, Any]) -> Path:
+    """``parent/images`` with ``spec["images"]`` synthetic ``spec["image_size"]`` (height,
+    width) PNG images, random pixels of ``spec["seed"]`` (default 0)."""
     import numpy as np
     from PIL import Image
 
-    rng = np.random.default_rng(seed)
-    for i in range(count):
+    folder = Path(parent) / "images"
+    folder.mkdir()
+    height, width = (int(v) for v in spec["image_size"])
+    rng = np.random.default_rng(int(spec.get("seed", 0)))
+    for i in range(int(spec["images"])):
         Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(
             folder / f"{i:04d}.png"
         )
+    return folder
 
 
 def job_throughput(spec: dict[str, Any]) -> dict[str, Any]:
@@ -37,11 +43,8 @@ def job_throughput(spec: dict[str, Any]) -> dict[str, Any]:
     from ..allocator import peak_rss_bytes
     from ..batch.api import segment_images
 
-    height, width = (int(v) for v in spec["image_size"])
     with tempfile.TemporaryDirectory(dir=spec["work"]) as tmp:
-        folder = Path(tmp) / "images"
-        folder.mkdir()
-        _write_images(folder, int(spec["images"]), height, width, int(spec.get("seed", 0)))
+        folder = image_folder(tmp, spec)
         summary = segment_images(
             [folder],
             list(spec["phrases"]),

@@ -27,6 +27,7 @@ import torch
 
 from ..allocator import peak_rss_bytes
 from ..artifact.manifest import Manifest
+from .online import job_serve
 from .throughput import job_throughput
 
 __all__ = ["JOBS", "main", "peak_rss_bytes", "rss_bytes"]
@@ -374,6 +375,7 @@ JOBS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "throughput": job_throughput,
     "geometry_share": job_geometry_share,
     "follow_up": job_follow_up,
+    "serve": job_serve,
 }
 
 

@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..contract import is_torch_tensor
-from ..errors import InputSpecError
+from ..errors import ImageTooLargeError, InputSpecError
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -82,7 +82,7 @@ def _open(source: Path | bytes, max_pixels: int) -> Image.Image:
     width, height = img.size
     if width * height > max_pixels:
         img.close()
-        raise InputSpecError(
+        raise ImageTooLargeError(
             f"{what}: expected at most {max_pixels:,} pixels (--max-pixels), got {width}x{height} "
             f"= {width * height:,} (a decompression bomb, or pass a larger --max-pixels)"
         )
@@ -202,8 +202,10 @@ def to_rgb(source: ImageInput, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image
     """``source`` (see the module docstring) as an 8-bit RGB ``PIL.Image.Image``.
 
     Raises ``FileNotFoundError`` for a missing file and
-    :class:`~..errors.InputSpecError` for an unreadable file, too many pixels, an
-    unsupported layout or pixel values that cannot be converted without loss of meaning.
+    :class:`~..errors.InputSpecError` for an unreadable file, an
+    unsupported layout or pixel values that cannot be converted without loss of meaning
+    (:class:`~..errors.ImageTooLargeError`, a subclass, for a file or PIL image of more than
+    ``max_pixels`` pixels).
     """
     what = _describe(source)
     if isinstance(source, (str, os.PathLike)):
@@ -213,7 +215,7 @@ def to_rgb(source: ImageInput, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image
     if isinstance(source, Image.Image):
         width, height = source.size
         if width * height > max_pixels:
-            raise InputSpecError(f"{what}: expected at most {max_pixels:,} pixels, got {width}x{height}")
+            raise ImageTooLargeError(f"{what}: expected at most {max_pixels:,} pixels, got {width}x{height}")
         return _from_pil(source, what)
     if isinstance(source, np.ndarray):
         return _from_array(source, what)
