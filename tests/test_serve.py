@@ -361,6 +361,34 @@ def test_the_api_key_file_gives_only_a_hash(tmp_path) -> None:
         read_api_key(path)
 
 
+def test_the_python_entry_point_builds_the_application_users_deploy(tmp_path) -> None:
+    """``app_builder`` (a Serve config file's ``import_path``) as ``serve`` builds it: N model
+    replicas reserving --threads CPUs each behind one ingress that reserves none, every
+    replica told the same options, the key only as its hash. Nothing is started."""
+    from ray import serve
+
+    from sam3_exportable.serve.app import app_builder
+
+    key_file = tmp_path / "key"
+    key_file.write_text(KEY + "\n")
+    args = {"model": "a.pt2", "replicas": 2, "threads": 3, "max_queued": 5, "api_key_file": str(key_file)}
+    app = app_builder(args)
+    assert isinstance(app, serve.Application)
+    ingress = app._bound_deployment
+    model = ingress.init_args[0]._bound_deployment
+    digest = read_api_key(key_file)
+    options = ServeOptions(model="a.pt2", replicas=2, threads=3, max_queued=5, api_key_sha256=digest)
+    assert (ingress.name, ingress.num_replicas) == ("Sam3Ingress", 1)
+    assert ingress.ray_actor_options == {"num_cpus": 0}
+    assert (model.name, model.num_replicas, model.ray_actor_options) == ("Sam3Model", 2, {"num_cpus": 3})
+    assert model.max_ongoing_requests == options.max_ongoing
+    assert ingress.max_ongoing_requests == 2 * options.max_ongoing
+    assert model.init_args == (options.to_json(),) and ingress.init_args[1] == options.to_json()
+    assert KEY not in json.dumps(options.to_json())
+    with pytest.raises(InputSpecError, match="--replicas"):
+        app_builder({"model": "a.pt2", "replicas": 0})
+
+
 def test_parse_json_names_the_field(photos) -> None:
     limits = {"max_pixels": MAX_PIXELS, "max_prompts": MAX_PROMPTS, "max_boxes": 2}
     good = {"image": _b64(photos[0]), "prompts": PHRASES}

@@ -40,8 +40,9 @@ _log = logging.getLogger(__name__)
 @dataclasses.dataclass
 class Answer:
     """What one request gets: ``width``, ``height`` of its image, ``phrases`` (as in
-    ``results.jsonl``), the milliseconds of the graph calls it shared and how many
-    requests shared them (``batch_size``)."""
+    ``results.jsonl``), the milliseconds of the graph calls it shared with their
+    post-processing (masks upsampled and RLE-encoded) and how many requests shared them
+    (``batch_size``)."""
 
     width: int
     height: int
@@ -114,19 +115,20 @@ class Segmenter:
                 max_pairs=self.options.max_pairs,
                 boxes=None if first.boxes is None else [item.boxes for item in items],
             )
-            graph_ms = (time.perf_counter() - started) * 1000.0
             names = list(first.prompts.phrases)
-            answers: list[Answer | RequestError] = []
-            for item, pairs in zip(items, kept, strict=True):
-                encoded = encode_image(
+            encoded = [
+                encode_image(
                     item.request.image, names, pairs, masks=False, overlay=False, prompt_boxes=item.boxes
                 )
+                for item, pairs in zip(items, kept, strict=True)
+            ]
+            for item, image in zip(items, encoded, strict=True):
                 if not item.request.rle:
-                    for record in encoded.phrases:
+                    for record in image.phrases:
                         for instance in record["instances"]:
                             del instance["rle"]
-                answers.append(Answer(encoded.width, encoded.height, encoded.phrases, graph_ms, len(items)))
-            return answers
+            graph_ms = (time.perf_counter() - started) * 1000.0  # graph calls and post-processing
+            return [Answer(e.width, e.height, e.phrases, graph_ms, len(items)) for e in encoded]
         except Exception as exc:  # one failed call fails its requests, never the replica
             _log.exception("graph call of %d request(s) failed", len(items))
             error = RequestError(500, "server", f"the graph call failed: {type(exc).__name__}: {exc}")
