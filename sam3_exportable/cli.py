@@ -695,7 +695,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="every /v1 request must send 'Authorization: Bearer <the key on this file's first line>'",
     )
-    _add_malloc_argument(srv)
+    _add_malloc_argument(srv, "of every replica, applied before it loads the artifact")
     srv.set_defaults(func=serve_command)
 
     doc = sub.add_parser("doctor", help="report each patch for the installed torch and sam3")

@@ -313,6 +313,8 @@ def test_quick_bench_loads_the_server_with_concurrent_clients(quick_run: tuple[P
     assert section["rows"][0]["mean_batch_size"] == 1.0  # one client: never company
     assert section["predict_images_per_s"] > 0 and section["replica_peak_rss_gib"] > 0
     assert section["stop_s"] is not None and section["ready_s"] > 0
+    assert section["replica_malloc"]["policy"] == "retain"  # the replica's own process took it
+    assert section["replica_malloc"]["applied"] is True
     summary = (out / "summary.md").read_text()
     assert "## Serve: concurrent clients over loopback" in summary and "| 4 | 16 |" in summary
 

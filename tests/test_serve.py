@@ -271,6 +271,8 @@ def test_v1_needs_the_key_and_the_key_is_never_logged(server, photos) -> None:
     assert model["manifest"]["kind"] == "pt2" and model["staged"] and model["takes_boxes"]
     assert model["settings"]["max_queued"] == MAX_QUEUED and "api_key_sha256" not in model["settings"]
     assert model["replica"]["peak_rss_bytes"] > 0
+    # the replica's own process took --malloc (a replica left alone says "not requested")
+    assert model["replica"]["malloc"] == {"policy": "default", "applied": False, "reason": "requested"}
     assert KEY not in server.log.read_text()
     spec = server.get("/openapi.json").json()
     assert "/v1/segment" in spec["paths"] and server.get("/docs").status_code == 200
@@ -346,6 +348,7 @@ def test_options_are_checked() -> None:
         ("threads", 0),
         ("max_queued", -1),
         ("batch_wait_ms", -1),
+        ("malloc", "jemalloc"),
     ]:
         with pytest.raises(InputSpecError, match="--" + field.replace("_", "-")):
             ServeOptions(model="a.pt2", **{field: value})

@@ -6,7 +6,8 @@ once; ``segment_images`` (the local engine, one image per batch, no mask or over
 over them; then the server (one replica, the plan's threads), one warm-up request (the
 first graph call is slower), and for each client count a load test of
 ``requests_per_client`` requests per client (:func:`~..serve.loadtest.run_load`):
-requests/s, latency percentiles, mean batch size, errors by status; the replica's peak RSS.
+requests/s, latency percentiles, mean batch size, errors by status; the replica's peak RSS and
+the malloc policy its process applied.
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ def job_serve(spec: dict[str, Any]) -> dict[str, Any]:
         "rows": rows,
         "warmup_ms": warmup["p50_ms"],
         "replica_peak_rss": replica["peak_rss_bytes"],
+        "replica_malloc": replica["malloc"],
         "ready_s": ready_s,
         "stop_s": stop_s,
     }
@@ -98,6 +100,7 @@ def serve_section(jobs: dict[str, Any], clients: list[int]) -> dict[str, Any]:
         "rows": rows,
         "predict_images_per_s": per_s,
         "replica_peak_rss_gib": res["replica_peak_rss"] / GIB,
+        "replica_malloc": res.get("replica_malloc"),
         "ready_s": res["ready_s"],
         "stop_s": res["stop_s"],
     }

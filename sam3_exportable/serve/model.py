@@ -20,7 +20,7 @@ from typing import Any
 
 from ray import serve
 
-from ..allocator import peak_rss_bytes
+from ..allocator import apply_malloc_policy, peak_rss_bytes
 from .options import ServeOptions
 from .protocol import RequestError, parse_form, parse_json
 from .segmenter import Answer, Segmenter
@@ -87,6 +87,8 @@ class Sam3Model:
         self._load_error: str | None = None
         self._waiting = 0
         self._last_batch_s = 1.0
+        # process-wide and only for memory allocated after it: before the artifact loads
+        self._malloc = apply_malloc_policy(self.options.malloc)
         threading.Thread(target=self._load, name="sam3-load", daemon=True).start()
 
     def _load(self) -> None:
@@ -114,8 +116,8 @@ class Sam3Model:
         raise RequestError(503, "server", f"the model is {what}", {"Retry-After": "5"})
 
     def info(self) -> Reply:
-        """``GET /v1/model``: the manifest's summary, this replica's settings, process and
-        feature cache."""
+        """``GET /v1/model``: the manifest's summary, this replica's settings, process (pid,
+        peak RSS, the malloc policy it applied) and feature cache."""
         try:
             segmenter = self._ready()
         except RequestError as exc:
@@ -127,7 +129,7 @@ class Sam3Model:
             "staged": segmenter.predictor.artifact.has_stages,
             "takes_boxes": segmenter.predictor.artifact.takes_boxes,
             "settings": settings,
-            "replica": {"pid": os.getpid(), "peak_rss_bytes": peak_rss_bytes()},
+            "replica": {"pid": os.getpid(), "peak_rss_bytes": peak_rss_bytes(), "malloc": self._malloc},
             "cache": {
                 "entries": len(cache),
                 "bytes": cache.bytes,

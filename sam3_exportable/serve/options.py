@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..allocator import MALLOC_POLICIES
 from ..errors import InputSpecError
 from ..predict.cache import DEFAULT_CACHE_BYTES
 from ..predict.images import DEFAULT_MAX_PIXELS
@@ -39,7 +40,9 @@ class ServeOptions:
     pairs (``predict``'s ``--max-pairs``). ``max_queued``: requests waiting for a batch in
     one replica beyond which a new one gets 503. ``max_body_bytes``, ``max_pixels``,
     ``max_prompts``, ``max_boxes``: what one request may carry. ``cache_bytes``: the image
-    feature cache of a staged artifact (0: none). ``api_key_sha256``: hex SHA-256 of the key
+    feature cache of a staged artifact (0: none). ``malloc``: the malloc policy each replica
+    applies to its own process before it loads the artifact
+    (:func:`~..allocator.apply_malloc_policy`). ``api_key_sha256``: hex SHA-256 of the key
     every ``/v1`` request must bear (None: no key).
     """
 
@@ -57,6 +60,7 @@ class ServeOptions:
     max_prompts: int = 16
     max_boxes: int = 64
     cache_bytes: int = DEFAULT_CACHE_BYTES
+    malloc: str = "retain"
     api_key_sha256: str | None = None
 
     def __post_init__(self) -> None:
@@ -72,6 +76,9 @@ class ServeOptions:
                 raise InputSpecError(f"{_flag(name)}: expected an integer >= 0, got {value!r}")
         if not 0 <= self.batch_wait_ms <= 60_000:
             raise InputSpecError(f"--batch-wait-ms: expected 0 to 60000, got {self.batch_wait_ms!r}")
+        if self.malloc not in MALLOC_POLICIES:
+            choices = ", ".join(MALLOC_POLICIES)
+            raise InputSpecError(f"--malloc: expected one of {choices}, got {self.malloc!r}")
         if self.port > 65535:
             raise InputSpecError(f"--port: expected at most 65535, got {self.port}")
 
