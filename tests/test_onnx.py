@@ -3,6 +3,7 @@ of eager, loadable by the one loader and by a process that has only onnxruntime 
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -79,6 +80,89 @@ def test_without_the_onnx_patch_the_graph_has_empty_values(tiny_model, tmp_path:
     with pytest.raises(DynamicShapeAuditError, match="expected no zero-size values"):
         export_onnx(ep, tmp_path / "bad.onnx")
     assert list(tmp_path.iterdir()) == []  # refused before anything was published
+
+
+def _graph_bytes(path: Path) -> bytes:
+    """The graph with its weights, less each node's Python stack trace (it names the n-th
+    module torch generated in this process, so two conversions never share it)."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=True).graph
+    for node in graph.node:
+        kept = [p for p in node.metadata_props if p.key != "pkg.torch.onnx.stack_trace"]
+        del node.metadata_props[:]
+        node.metadata_props.extend(kept)
+    return graph.SerializeToString()
+
+
+def test_the_optimizer_patch_leaves_the_graph_byte_for_byte(onnx_record, tmp_path: Path, monkeypatch) -> None:
+    """The recipe's graph (optimized with the onnxscript matcher's patch held) against the same
+    program optimized by the unpatched onnxscript: the same graph and weights, byte for byte."""
+    from onnxscript.rewriter._matcher import SimplePatternMatcher
+
+    from sam3_exportable.artifact import onnx as onnx_export
+    from sam3_exportable.artifact.onnx_optimizer import optimizer_scope
+    from sam3_exportable.patching import is_patched
+
+    held: list[bool] = []
+
+    @contextlib.contextmanager
+    def unpatched():
+        held.append(is_patched(vars(SimplePatternMatcher)["match"]))
+        yield
+
+    monkeypatch.setattr(onnx_export, "optimizer_scope", unpatched)
+    export_onnx(onnx_record.program, tmp_path / "unpatched.onnx")
+    assert held == [False]
+    assert _graph_bytes(tmp_path / "unpatched.onnx") == _graph_bytes(onnx_record.paths["onnx"])
+    with optimizer_scope() as session:
+        assert session.held == ("onnxscript.multi_output_match_prefilter",) and not session.skipped
+        assert is_patched(vars(SimplePatternMatcher)["match"])
+    assert not is_patched(vars(SimplePatternMatcher)["match"])
+
+
+def test_the_optimizer_patch_skips_the_graph_index_only_for_a_node_of_another_op(monkeypatch) -> None:
+    """The default rule set's two-output pattern (two Slices -> Split) tried on an Add: the
+    patched matcher answers without walking the graph; on a Slice it runs the original."""
+    import onnx_ir as ir
+    from onnxscript import rewriter
+
+    from sam3_exportable.artifact.onnx_optimizer import optimizer_scope
+
+    (rule,) = [r for r in rewriter._DEFAULT_REWRITE_RULES if not r._target_pattern.has_single_output_node]
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([4]))
+    add, piece = ir.Node("", "Add", [x, x]), ir.Node("", "Slice", [x, x, x])
+    graph = ir.Graph([x], [add.outputs[0], piece.outputs[0]], nodes=[add, piece], opset_imports={"": 18})
+    model = ir.Model(graph, ir_version=10)
+    walks: list[int] = []
+    walk = ir.Graph.__iter__
+    monkeypatch.setattr(ir.Graph, "__iter__", lambda self: (walks.append(1), walk(self))[1])
+
+    def tried(node: ir.Node) -> tuple[bool, int]:
+        walks.clear()
+        return bool(rule._matcher.match(model, graph, node, verbose=0, remove_nodes=True)), len(walks)
+
+    unpatched = tried(add)
+    assert not unpatched[0] and unpatched[1] > 0  # the original indexes the graph for every node
+    with optimizer_scope():
+        assert tried(add) == (False, 0)
+        assert tried(piece) == unpatched
+
+
+def test_another_onnxscript_runs_the_optimizer_unpatched(monkeypatch, caplog) -> None:
+    import dataclasses
+
+    from onnxscript.rewriter._matcher import SimplePatternMatcher
+
+    from sam3_exportable.artifact import onnx_optimizer
+    from sam3_exportable.patching import is_patched
+
+    stale = dataclasses.replace(onnx_optimizer.ONNX_OPTIMIZER_PATCH, fingerprint="0" * 16)
+    monkeypatch.setattr(onnx_optimizer, "ONNX_OPTIMIZER_PATCH", stale)
+    with caplog.at_level("WARNING"), onnx_optimizer.optimizer_scope() as session:
+        assert session.skipped == [stale.name] and session.held == ()
+        assert not is_patched(vars(SimplePatternMatcher)["match"])
+    assert f"skipping mismatched patch {stale.name}" in caplog.text
 
 
 def test_the_manifest_lives_in_the_graph_and_names_its_weights(onnx_pair) -> None:
