@@ -119,6 +119,9 @@ def test_the_optimizer_patch_leaves_the_graph_byte_for_byte(onnx_record, tmp_pat
         assert session.held == ("onnxscript.multi_output_match_prefilter",) and not session.skipped
         assert is_patched(vars(SimplePatternMatcher)["match"])
     assert not is_patched(vars(SimplePatternMatcher)["match"])
+    with pytest.raises(RuntimeError, match="conversion failed"), optimizer_scope():
+        raise RuntimeError("conversion failed")
+    assert not is_patched(vars(SimplePatternMatcher)["match"])  # reverted on the exception too
 
 
 def test_the_optimizer_patch_skips_the_graph_index_only_for_a_node_of_another_op(monkeypatch) -> None:
